@@ -1,0 +1,249 @@
+"""``recsys``: the command-line interface of every stage.
+
+Every command takes ``--config FILE``, ``--root DIR``, ``--set key=value`` (repeatable) and
+``--json``; with ``--json`` the last line of standard output is one JSON object describing the
+result. Errors a user can cause print one line (``error: ...``) to standard error and exit
+non-zero. Logs go to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+
+from recsys_spark.config import Settings, describe_settings, load_settings
+from recsys_spark.constants import INPUT_FORMATS
+from recsys_spark.errors import RecsysError
+from recsys_spark.logs import configure_logging
+
+Handler = Callable[[argparse.Namespace, Settings], dict[str, Any]]
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (default: $RECSYS_CONFIG or conf/local.yaml)")
+    common.add_argument("--root", help="lakehouse root folder (overrides config `root`)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set features.max_sequence_length=100",
+    )
+    common.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    gen = command("generate", _generate, "write a synthetic e-commerce behaviour log")
+    gen.add_argument("--users", type=_positive_int, default=10_000)
+    gen.add_argument("--items", type=_positive_int, default=5_000)
+    gen.add_argument("--days", type=_positive_int, default=7)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", required=True, help="output file")
+    gen.add_argument("--format", choices=("taobao", "jsonl"), default="taobao")
+    gen.add_argument("--malformed-rate", type=float, default=0.0, help="share of bad rows mixed in")
+
+    ing = command("ingest", _ingest, "ingest a behaviour log into bronze/silver Delta tables")
+    ing.add_argument("--format", choices=INPUT_FORMATS, required=True)
+    ing.add_argument("--input", required=True, help="a file, or a folder of files")
+
+    feat = command("features", _features, "build gold feature, sequence and training tables")
+    feat.add_argument("--as-of", type=_timestamp, help="feature time (default: newest event)")
+    feat.add_argument("--silver-version", type=int, help="read silver/events as of this version")
+
+    command("tables", _tables, "list the lakehouse's tables and their versions")
+
+    hist = command("history", _history, "show a table's commits, newest first")
+    hist.add_argument("table", help="<layer>/<name>, e.g. silver/events")
+    hist.add_argument("--limit", type=_positive_int, default=20)
+
+    maint = command("maintain", _maintain, "compact and/or vacuum tables")
+    maint.add_argument("tables", nargs="*", help="tables (default: all)")
+    maint.add_argument("--optimize", action="store_true", help="compact small files")
+    maint.add_argument("--vacuum", action="store_true", help="delete unreferenced old files")
+
+    conf = command("config", _config, "print the resolved configuration")
+    conf.add_argument("--explain", action="store_true", help="list every key with its help")
+
+    demo = command("demo", _demo, "run the whole pipeline on a synthetic log and summarise")
+    demo.add_argument("--users", type=_positive_int, default=3_000)
+    demo.add_argument("--items", type=_positive_int, default=2_000)
+    demo.add_argument("--days", type=_positive_int, default=14)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=args.set, root=args.root)
+        configure_logging(settings.logging.level, settings.logging.format)
+        result = args.handler(args, settings)
+    except RecsysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str, sort_keys=True))
+    return 0
+
+
+def run_job(command: str) -> None:
+    """Entry point of ``jobs/<stage>.py`` under spark-submit: ``recsys <command> <args>``."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human-readable output, suppressed under ``--json`` so the JSON line stands alone."""
+    if not args.json:
+        print(text)
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+def _session(settings: Settings) -> tuple[Any, Any]:
+    from recsys_spark.spark import get_spark
+    from recsys_spark.storage import open_lakehouse
+
+    spark = get_spark(settings)
+    return spark, open_lakehouse(spark, settings)
+
+
+def _generate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    try:
+        cfg = GeneratorConfig(users=args.users, items=args.items, days=args.days, seed=args.seed)
+        report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate)
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from exc
+    _say(args, f"wrote {report.lines:,} lines ({report.events:,} events, {report.malformed:,} "
+               f"malformed) to {report.path}")
+    return {
+        "path": report.path,
+        "format": report.format,
+        "events": report.events,
+        "malformed": report.malformed,
+        "lines": report.lines,
+        "behavior_counts": report.behavior_counts,
+    }
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.ingest import run_ingest
+    from recsys_spark.ingest.sources import discover_inputs
+
+    discover_inputs(args.input)  # fail on a missing/empty input before starting Spark
+    spark, lake = _session(settings)
+    report = run_ingest(spark, lake, settings, input_path=args.input, fmt=args.format)
+    _say(
+        args,
+        f"ingest {report.run_id} ({report.status}): {report.rows_in:,} rows in -> "
+        f"{report.rows_clean:,} clean, {report.rows_quarantined:,} quarantined "
+        f"{report.quarantine_reasons or ''}, {report.rows_duplicate:,} duplicate",
+    )
+    return report.as_dict()
+
+
+def _features(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.features import build_features
+
+    if args.as_of is not None:
+        settings.features.as_of = args.as_of
+    spark, lake = _session(settings)
+    report = build_features(spark, lake, settings, silver_version=args.silver_version)
+    _say(args, f"features as of {report.as_of} ({report.protocol}) from silver/events "
+               f"v{report.source_versions['silver/events']}:")
+    for table, rows in report.rows.items():
+        _say(args, f"  {table:<26} {rows:>12,} rows  (v{report.output_versions[table]})")
+    return report.as_dict()
+
+
+def _tables(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _, lake = _session(settings)
+    tables = [{"table": t.name, "version": t.version, "path": t.path} for t in lake.tables()]
+    for t in tables:
+        _say(args, f"{t['table']:<28} v{t['version']:<6} {t['path']}")
+    return {"root": settings.root, "engine": lake.engine.name, "tables": tables}
+
+
+def _history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _, lake = _session(settings)
+    commits = lake.history(args.table, args.limit)
+    for c in commits:
+        when = datetime.fromtimestamp(int(c.get("timestamp", 0)) / 1000, UTC) if isinstance(
+            c.get("timestamp"), int) else c.get("timestamp")
+        _say(args, f"v{c.get('version')}  {when}  {c.get('operation')}")
+    return {"table": args.table, "commits": commits}
+
+
+def _maintain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    if not (args.optimize or args.vacuum):
+        raise RecsysError("maintain needs --optimize and/or --vacuum")
+    _, lake = _session(settings)
+    names = args.tables or [t.name for t in lake.tables()]
+    done: dict[str, dict[str, Any]] = {}
+    for name in names:
+        entry: dict[str, Any] = {}
+        if args.optimize:
+            entry["optimize"] = lake.optimize(name)
+        if args.vacuum:
+            entry["files_vacuumed"] = len(lake.vacuum(name, settings.storage.vacuum_retention_hours))
+        done[name] = entry
+        _say(args, f"{name}: {entry}")
+    return {"tables": done}
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    if args.explain:
+        for key, default, help_text in describe_settings():
+            _say(args, f"{key:<40} default {default:<24} {help_text}")
+    else:
+        _say(args, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False).rstrip())
+    return settings.model_dump(mode="json")
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.demo import run_demo
+
+    return run_demo(settings, users=args.users, items=args.items, days=args.days, say=lambda t: _say(args, t))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The one typed configuration object, loaded from YAML with environment and CLI overrides.
+
+Precedence, lowest first: defaults in this module < the YAML file < ``RECSYS__A__B=value``
+environment variables < ``--set a.b=value`` < ``--root DIR``. Unknown keys and wrong types fail
+at start with a message naming the key, before any Spark work begins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recsys_spark.errors import ConfigError
+
+ENV_PREFIX = "RECSYS__"
+CONFIG_ENV = "RECSYS_CONFIG"
+DEFAULT_CONFIG = Path("conf/local.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """Naive datetimes in config mean UTC: the lakehouse stores every timestamp in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class SparkSettings(_Section):
+    master: str | None = Field(
+        "local[*]", description="Spark master URL; null leaves it to spark-submit on clusters."
+    )
+    app_name: str = Field("recsys-spark", description="Spark application name.")
+    driver_memory: str | None = Field(
+        "4g", description="JVM heap of the local driver (ignored when spark-submit sets it)."
+    )
+    shuffle_partitions: int = Field(8, gt=0, description="spark.sql.shuffle.partitions.")
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
+        "WARN", description="Log level of Spark's JVM logs."
+    )
+    conf: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Any further Spark properties, passed through as-is."
+    )
+
+
+class StorageSettings(_Section):
+    engine: Literal["auto", "delta-spark", "delta-rs"] = Field(
+        "auto",
+        description="delta-spark when Delta's jars are on Spark's classpath, delta-rs otherwise; "
+        "auto detects.",
+    )
+    vacuum_retention_hours: float = Field(
+        168.0, ge=0, description="Files no longer referenced are deleted after this long."
+    )
+
+
+class IngestSettings(_Section):
+    min_event_time: datetime = Field(
+        datetime(2000, 1, 1, tzinfo=UTC), description="Earlier event times are quarantined."
+    )
+    max_future_seconds: int = Field(
+        86_400, ge=0, description="Event times this far past the ingest run are quarantined."
+    )
+    sequence_base_time: datetime = Field(
+        datetime(2020, 1, 1, tzinfo=UTC),
+        description="Time given to the first item of each line of a `sequences` file.",
+    )
+    sequence_step_seconds: int = Field(
+        3600, gt=0, description="Time between consecutive items of a `sequences` line."
+    )
+
+    _utc = field_validator("min_event_time", "sequence_base_time")(_as_utc)
+
+
+class SplitSettings(_Section):
+    protocol: Literal["auto", "leave-one-out", "temporal"] = Field(
+        "auto",
+        description="auto: leave-one-out for `sequences` input, temporal for event logs.",
+    )
+    validation_start: datetime | None = Field(
+        None, description="Temporal split: start of the validation window (default: by fraction)."
+    )
+    test_start: datetime | None = Field(
+        None, description="Temporal split: start of the test window (default: by fraction)."
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Temporal split: share of the time span used for validation."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Temporal split: share of the time span used for test."
+    )
+
+    _utc = field_validator("validation_start", "test_start")(_as_utc)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> SplitSettings:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must be below 1")
+        if (
+            self.validation_start is not None
+            and self.test_start is not None
+            and self.validation_start >= self.test_start
+        ):
+            raise ValueError("validation_start must be before test_start")
+        return self
+
+
+class FeatureSettings(_Section):
+    as_of: datetime | None = Field(
+        None, description="Features use only events at or before this time (default: the newest)."
+    )
+    windows_days: list[int] = Field(
+        default_factory=lambda: [1, 7, 30], description="Look-back windows for counts, in days."
+    )
+    max_sequence_length: int = Field(
+        50, gt=0, description="Most recent items kept per user sequence (model input length)."
+    )
+    top_categories: int = Field(3, gt=0, description="Categories listed per user.")
+    collapse_repeats: bool = Field(
+        True,
+        description="Keep one of consecutive events on the same item in sequences (a run of "
+        "page views of one item is one step).",
+    )
+    split: SplitSettings = Field(default_factory=SplitSettings)
+
+    _utc = field_validator("as_of")(_as_utc)
+
+    @field_validator("windows_days")
+    @classmethod
+    def _positive_windows(cls, value: list[int]) -> list[int]:
+        if not value or any(w <= 0 for w in value):
+            raise ValueError("windows must be a non-empty list of positive day counts")
+        return sorted(set(value))
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field(
+        "text", description="text: key=value lines for people; json: one object per line."
+    )
+
+
+class Settings(_Section):
+    root: str = Field(
+        "lakehouse",
+        description="Lakehouse root: <root>/<layer>/<table>; a local folder or a URI on clusters.",
+    )
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value: str) -> str:
+        # Local roots are resolved once so every stage and every Spark worker sees one path.
+        if "://" in value:
+            return value.rstrip("/")
+        return str(Path(value).expanduser().resolve())
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    root: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from a YAML file, ``RECSYS__*`` variables and ``key=value`` overrides.
+
+    Args:
+        config_path: YAML file; default ``$RECSYS_CONFIG``, else ``conf/local.yaml`` when present,
+            else the built-in defaults (which equal ``conf/local.yaml``).
+        overrides: ``dotted.key=value`` strings, as given to ``--set``.
+        root: lakehouse root, as given to ``--root``; wins over everything else.
+        environ: environment to read overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file; the message names the key.
+    """
+    environ = os.environ if environ is None else environ
+    data = _read_yaml(_config_file(config_path, environ))
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(data, key, _parse_value(raw), origin=f"environment variable {name}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_dotted(data, key.strip(), _parse_value(raw), origin=f"--set {item}")
+    if root is not None:
+        data["root"] = str(root)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def _config_file(config_path: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    if config_path is not None:
+        return Path(config_path)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _read_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _parse_value(raw: str) -> Any:
+    """Turn an override string into a value; pydantic coerces plain strings to the field type."""
+    text = raw.strip()
+    if text.lower() in {"null", "none", "~"}:
+        return None
+    if text[:1] in "[{":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse override value {raw!r}: {exc}") from exc
+    return text
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, *, origin: str) -> None:
+    """Set ``a.b.c`` in nested dicts, refusing keys the settings model does not have.
+
+    A ``dict`` field (``spark.conf``) takes the rest of the key verbatim, since Spark property
+    names contain dots themselves.
+    """
+    parts = key.split(".")
+    model: type[BaseModel] = Settings
+    node = data
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (from {origin})")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if i == len(parts) - 1:
+                raise ConfigError(f"config key {key!r} is a section; set one of its keys")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} must be a mapping")
+            model = annotation
+            continue
+        if (get_origin(annotation) or annotation) is dict and i < len(parts) - 1:
+            node.setdefault(part, {})[".".join(parts[i + 1 :])] = value
+            return
+        if i != len(parts) - 1:
+            raise ConfigError(f"unknown config key {key!r} (from {origin})")
+        node[part] = value
+        return
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "<top level>"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown config key {key!r}")
+        else:
+            problems.append(f"config key {key!r}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(problems)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """Every config key with its default and help text, for ``recsys config --explain``."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+            help_text = field.description or ""
+            if choices:
+                help_text = f"{help_text} One of: {', '.join(map(str, choices))}.".strip()
+            rows.append((f"{prefix}{name}", repr(default), help_text))
+
+    walk(Settings, "")
+    return rows

@@ -1,0 +1,80 @@
+"""Column names, behaviour types and table names shared by every stage.
+
+Stages take column names as keyword defaults from here (``col_user=USER_ID``) so a rename happens in
+one place, and tables are addressed by the names below, never by path.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# --- event columns -------------------------------------------------------------------------------
+EVENT_ID: Final = "event_id"
+EVENT_KEY: Final = "event_key"
+USER_ID: Final = "user_id"
+ITEM_ID: Final = "item_id"
+CATEGORY_ID: Final = "category_id"
+BEHAVIOR: Final = "behavior_type"
+EVENT_TS: Final = "event_ts"
+EVENT_DATE: Final = "event_date"
+EXTRAS: Final = "extras"
+USER_IDX: Final = "user_idx"
+ITEM_IDX: Final = "item_idx"
+
+# --- lineage columns ------------------------------------------------------------------------------
+RAW: Final = "raw"
+SOURCE_FILE: Final = "source_file"
+RUN_ID: Final = "ingest_run_id"
+INGESTED_AT: Final = "ingested_at"
+INGEST_DATE: Final = "ingest_date"
+REASON: Final = "reason"
+DETAIL: Final = "detail"
+
+# --- behaviour vocabulary -------------------------------------------------------------------------
+Behavior = Literal["pv", "cart", "fav", "buy"]
+BEHAVIORS: Final[tuple[str, ...]] = ("pv", "cart", "fav", "buy")
+# Dense codes used in gold sequences and by the models (0 is left free for padding there).
+BEHAVIOR_CODES: Final[dict[str, int]] = {b: i + 1 for i, b in enumerate(BEHAVIORS)}
+
+InputFormat = Literal["taobao", "jsonl", "sequences"]
+INPUT_FORMATS: Final[tuple[str, ...]] = ("taobao", "jsonl", "sequences")
+
+# --- quarantine reason codes ----------------------------------------------------------------------
+WRONG_FIELD_COUNT: Final = "wrong_field_count"
+MALFORMED_JSON: Final = "malformed_json"
+MISSING_FIELD: Final = "missing_field"
+INVALID_ID: Final = "invalid_id"
+UNKNOWN_BEHAVIOR: Final = "unknown_behavior"
+INVALID_TIMESTAMP: Final = "invalid_timestamp"
+TIMESTAMP_OUT_OF_RANGE: Final = "timestamp_out_of_range"
+REASON_CODES: Final[tuple[str, ...]] = (
+    WRONG_FIELD_COUNT,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    INVALID_ID,
+    UNKNOWN_BEHAVIOR,
+    INVALID_TIMESTAMP,
+    TIMESTAMP_OUT_OF_RANGE,
+)
+
+# --- lakehouse layout: "<layer>/<table>" under the root ------------------------------------------
+LAYERS: Final[tuple[str, ...]] = ("bronze", "silver", "gold", "quarantine", "serving", "ops")
+
+BRONZE_EVENTS_RAW: Final = "bronze/events_raw"
+QUARANTINE_EVENTS: Final = "quarantine/events"
+SILVER_EVENTS: Final = "silver/events"
+SILVER_USER_INDEX: Final = "silver/user_index"
+SILVER_ITEM_INDEX: Final = "silver/item_index"
+GOLD_USER_FEATURES: Final = "gold/user_features"
+GOLD_ITEM_FEATURES: Final = "gold/item_features"
+GOLD_USER_SEQUENCES: Final = "gold/user_sequences"
+GOLD_TRAINING_EXAMPLES: Final = "gold/training_examples"
+OPS_INGEST_RUNS: Final = "ops/ingest_runs"
+OPS_FEATURE_RUNS: Final = "ops/feature_runs"
+
+# --- split protocol -------------------------------------------------------------------------------
+SplitProtocol = Literal["leave-one-out", "temporal"]
+SPLIT: Final = "split"
+TRAIN: Final = "train"
+VALIDATION: Final = "validation"
+TEST: Final = "test"

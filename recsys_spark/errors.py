@@ -1,0 +1,44 @@
+"""The project's named errors, in one place.
+
+Every error a user can cause (bad input, bad config, a missing table) is a ``RecsysError``; the CLI
+prints its message as one line and exits non-zero. ``ValueError``/``TypeError`` remain for
+programming mistakes in library calls.
+"""
+
+from __future__ import annotations
+
+
+class RecsysError(Exception):
+    """Base of every error the CLI reports as a one-line message."""
+
+    exit_code = 1
+
+
+class ConfigError(RecsysError):
+    """The configuration has an unknown key, a wrong type or an impossible value."""
+
+    exit_code = 2
+
+
+class InputDataError(RecsysError):
+    """An input file is missing, empty, of the wrong format, or has nothing that parses."""
+
+
+class TableNotFoundError(RecsysError):
+    """A table was read before anything wrote it."""
+
+
+class SchemaMismatchError(RecsysError):
+    """Data appended to a table does not have the table's columns and types."""
+
+
+class CommitFailedError(RecsysError):
+    """A Delta commit could not be made; nothing of that write is visible."""
+
+
+class UnsupportedTableFeatureError(RecsysError):
+    """A table uses a Delta feature the active storage engine cannot read correctly."""
+
+
+class EngineUnavailableError(RecsysError):
+    """The configured storage engine cannot run in this Spark session."""

@@ -1,0 +1,241 @@
+"""Silver -> gold feature build: ``recsys features`` and ``jobs/build_features.py``.
+
+Everything is computed relative to one as-of time (default: the newest event) from one version
+of ``silver/events``; both are recorded — in every gold table's commit metadata and in
+``ops/feature_runs`` — so a training set can be rebuilt exactly with
+``recsys features --silver-version V --as-of T``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from recsys_spark.config import FeatureSettings, Settings
+from recsys_spark.constants import (
+    BEHAVIOR,
+    CATEGORY_ID,
+    EVENT_TS,
+    GOLD_ITEM_FEATURES,
+    GOLD_TRAINING_EXAMPLES,
+    GOLD_USER_FEATURES,
+    GOLD_USER_SEQUENCES,
+    ITEM_ID,
+    ITEM_IDX,
+    OPS_FEATURE_RUNS,
+    OPS_INGEST_RUNS,
+    SILVER_EVENTS,
+    SPLIT,
+    USER_ID,
+    USER_IDX,
+    SplitProtocol,
+)
+from recsys_spark.errors import ConfigError, InputDataError
+from recsys_spark.features.aggregates import build_item_features, build_user_features
+from recsys_spark.features.sequences import (
+    build_histories,
+    build_user_sequences,
+    leave_one_out_examples,
+    temporal_examples,
+)
+from recsys_spark.logs import get_logger, log_event, timed
+from recsys_spark.storage import Lakehouse
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = get_logger("features")
+
+FEATURE_RUNS_SCHEMA = T.StructType(
+    [
+        T.StructField("run_id", T.StringType()),
+        T.StructField("created_at", T.TimestampType()),
+        T.StructField("as_of", T.TimestampType()),
+        T.StructField("protocol", T.StringType()),
+        T.StructField("validation_start", T.TimestampType()),
+        T.StructField("test_start", T.TimestampType()),
+        T.StructField("source_versions", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("output_versions", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("rows", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("num_users", T.LongType()),
+        T.StructField("num_items", T.LongType()),
+        T.StructField("settings", T.StringType()),
+    ]
+)
+
+
+@dataclass
+class FeatureReport:
+    run_id: str
+    as_of: datetime
+    protocol: SplitProtocol
+    validation_start: datetime | None
+    test_start: datetime | None
+    source_versions: dict[str, int]
+    num_users: int
+    num_items: int
+    output_versions: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_protocol(settings: FeatureSettings, lake: Lakehouse) -> SplitProtocol:
+    """``auto``: leave-one-out when every ingested input was a ``sequences`` file (the
+    benchmark format), temporal for event logs."""
+    if settings.split.protocol != "auto":
+        return settings.split.protocol
+    formats: set[str] = set()
+    if lake.exists(OPS_INGEST_RUNS):
+        rows = (
+            lake.read(OPS_INGEST_RUNS)
+            .filter(F.col("status") == "succeeded")
+            .select("format")
+            .distinct()
+            .collect()
+        )
+        formats = {r["format"] for r in rows}
+    return "leave-one-out" if formats == {"sequences"} else "temporal"
+
+
+def temporal_cutoffs(
+    settings: FeatureSettings, first_event: datetime, as_of: datetime
+) -> tuple[datetime, datetime]:
+    """Validation and test window starts: from config, else the last fractions of the span."""
+    span = as_of - first_event
+    test_start = settings.split.test_start or as_of - span * settings.split.test_fraction
+    validation_start = (
+        settings.split.validation_start or test_start - span * settings.split.validation_fraction
+    )
+    if not first_event < validation_start < test_start <= as_of:
+        raise ConfigError(
+            f"temporal split needs first event ({first_event}) < validation_start "
+            f"({validation_start}) < test_start ({test_start}) <= as_of ({as_of})"
+        )
+    return validation_start, test_start
+
+
+def build_features(
+    spark: SparkSession,
+    lake: Lakehouse,
+    settings: Settings,
+    *,
+    silver_version: int | None = None,
+) -> FeatureReport:
+    """Build the four gold tables from ``silver/events`` (latest, or ``silver_version``).
+
+    Raises:
+        TableNotFoundError: nothing has been ingested yet.
+        InputDataError: silver holds no events at or before the as-of time.
+        ConfigError: the temporal cut-offs do not fit the data.
+    """
+    cfg = settings.features
+    version = lake.version(SILVER_EVENTS) if silver_version is None else silver_version
+    events = lake.read(SILVER_EVENTS, version=version).select(
+        USER_IDX, USER_ID, ITEM_IDX, ITEM_ID, CATEGORY_ID, BEHAVIOR, EVENT_TS
+    )
+    # Epoch micros, not timestamps: collected timestamps come back in the driver's local zone.
+    bounds = events.agg(
+        F.unix_micros(F.min(EVENT_TS)).alias("first"),
+        F.unix_micros(F.max(EVENT_TS)).alias("last"),
+        F.max(ITEM_IDX).alias("top_item"),
+    ).first()
+    if bounds is None or bounds["last"] is None:
+        raise InputDataError(f"{SILVER_EVENTS} (version {version}) holds no events")
+    first_event = _from_micros(bounds["first"])
+    as_of = cfg.as_of or _from_micros(bounds["last"])
+    # Dictionary entries are made for exactly the items of clean events, so the catalogue
+    # size follows from the events version alone and a rebuild gets the same one.
+    num_items = int(bounds["top_item"]) + 1
+    if as_of < first_event:
+        raise InputDataError(f"as_of {as_of} is before the first event ({first_event})")
+    events = events.filter(F.col(EVENT_TS) <= F.lit(as_of))
+    protocol = resolve_protocol(cfg, lake)
+    validation_start = test_start = None
+    if protocol == "temporal":
+        validation_start, test_start = temporal_cutoffs(cfg, first_event, as_of)
+
+    report = FeatureReport(
+        run_id=f"features-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+        as_of=as_of,
+        protocol=protocol,
+        validation_start=validation_start,
+        test_start=test_start,
+        source_versions={SILVER_EVENTS: version},
+        num_users=0,
+        num_items=num_items,
+    )
+    commit_info = {
+        "feature_run_id": report.run_id,
+        "as_of": as_of.isoformat(),
+        "protocol": protocol,
+        "source_versions": json.dumps(report.source_versions),
+        "num_items": str(num_items),
+    }
+    log_event(log, "features.start", run_id=report.run_id, as_of=as_of.isoformat(),
+              protocol=protocol, silver_version=version)
+
+    def write(df: DataFrame, table: str, partition_by: tuple[str, ...] = ()) -> None:
+        with timed(log, "features.write", table=table) as out:
+            result = lake.write(df, table, mode="overwrite", partition_by=partition_by,
+                                commit_info=commit_info)
+            out.update(rows=result.rows_written, version=result.version)
+        report.output_versions[table] = result.version
+        report.rows[table] = result.rows_written or 0
+
+    write(
+        build_user_features(events, as_of=as_of, windows_days=cfg.windows_days,
+                            top_categories=cfg.top_categories),
+        GOLD_USER_FEATURES,
+    )
+    write(build_item_features(events, as_of=as_of, windows_days=cfg.windows_days), GOLD_ITEM_FEATURES)
+    histories = build_histories(events, collapse_repeats=cfg.collapse_repeats).persist()
+    try:
+        write(build_user_sequences(histories, max_length=cfg.max_sequence_length), GOLD_USER_SEQUENCES)
+        if validation_start is not None and test_start is not None:
+            examples = temporal_examples(
+                histories,
+                validation_start=validation_start,
+                test_start=test_start,
+                max_length=cfg.max_sequence_length,
+            )
+        else:
+            examples = leave_one_out_examples(histories, max_length=cfg.max_sequence_length)
+        write(examples, GOLD_TRAINING_EXAMPLES, partition_by=(SPLIT,))
+    finally:
+        histories.unpersist()
+    report.num_users = report.rows[GOLD_USER_SEQUENCES]
+    _record_run(spark, lake, report, cfg)
+    log_event(log, "features.done", run_id=report.run_id, rows=report.rows,
+              versions=report.output_versions)
+    return report
+
+
+def _from_micros(micros: int) -> datetime:
+    return datetime.fromtimestamp(micros / 1_000_000, UTC)
+
+
+def _record_run(spark: SparkSession, lake: Lakehouse, report: FeatureReport, cfg: FeatureSettings) -> None:
+    row = (
+        report.run_id,
+        datetime.now(UTC),
+        report.as_of,
+        report.protocol,
+        report.validation_start,
+        report.test_start,
+        report.source_versions,
+        report.output_versions,
+        report.rows,
+        report.num_users,
+        report.num_items,
+        cfg.model_dump_json(),
+    )
+    record = spark.createDataFrame([row], FEATURE_RUNS_SCHEMA).coalesce(1)
+    report.output_versions[OPS_FEATURE_RUNS] = lake.write(record, OPS_FEATURE_RUNS).version

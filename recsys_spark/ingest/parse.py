@@ -1,0 +1,326 @@
+"""Parse raw lines of each input format into typed events plus a quarantine reason.
+
+Each parser is a pure ``DataFrame -> DataFrame`` over rows ``(raw, source_file)`` and returns
+the columns of ``PARSED_COLUMNS``: typed event fields, and ``reason``/``detail``, null for a
+good event. Checks run in a fixed order, so a row gets the first reason that applies. Everything
+is Spark SQL (no Python UDFs) and safe under ANSI mode (``try_*`` functions only).
+
+Formats:
+
+* ``taobao`` — ``user_id,item_id,category_id,behavior_type,timestamp``, no header, Unix seconds.
+* ``jsonl`` — one JSON object per line. Required: ``user_id``, ``item_id`` (non-negative integers,
+  as numbers or strings), ``behavior_type`` (pv|cart|fav|buy, any case), ``ts`` (epoch seconds or
+  milliseconds — a number at or above 1e11 is read as milliseconds — or an ISO-8601 string with
+  an optional offset). Optional: ``event_id`` (string, the deduplication key when present),
+  ``category_id``. Any other keys are kept, as strings, in the ``extras`` map.
+* ``sequences`` — ``user_id item item ...`` per line in time order (the SASRec/ICLRec benchmark
+  format). Each item is one ``buy`` event; times are synthesised as ``base + position * step``.
+  The unit counted is an item occurrence; a line without items counts as one row.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import reduce
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from recsys_spark.constants import (
+    BEHAVIOR,
+    BEHAVIORS,
+    CATEGORY_ID,
+    DETAIL,
+    EVENT_ID,
+    EVENT_TS,
+    EXTRAS,
+    INVALID_ID,
+    INVALID_TIMESTAMP,
+    ITEM_ID,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    RAW,
+    REASON,
+    SOURCE_FILE,
+    TIMESTAMP_OUT_OF_RANGE,
+    UNKNOWN_BEHAVIOR,
+    USER_ID,
+    WRONG_FIELD_COUNT,
+    InputFormat,
+)
+
+# A non-negative integer that fits in a signed 64-bit id.
+_ID_PATTERN = r"^[0-9]{1,18}$"
+# Epoch numbers as Spark's JSON reader renders them (large or fractional ones in E notation).
+_EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+_EPOCH_LIMIT = 1e15  # as milliseconds, year 33658; keeps microseconds inside 64 bits
+_MILLIS_THRESHOLD = 1e11  # 1e11 seconds is year 5138; as milliseconds it is 1973
+_TAOBAO_FIELDS = 5
+_JSON_KNOWN_KEYS = (EVENT_ID, USER_ID, ITEM_ID, CATEGORY_ID, BEHAVIOR, "ts")
+
+PARSED_COLUMNS: tuple[str, ...] = (
+    RAW,
+    SOURCE_FILE,
+    EVENT_ID,
+    USER_ID,
+    ITEM_ID,
+    CATEGORY_ID,
+    BEHAVIOR,
+    EVENT_TS,
+    EXTRAS,
+    REASON,
+    DETAIL,
+)
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    """Event times outside ``[min_time, max_time]`` are quarantined."""
+
+    min_time: datetime
+    max_time: datetime
+    sequence_base_time: datetime
+    sequence_step_seconds: int
+
+
+@dataclass(frozen=True)
+class _Check:
+    failed: Column
+    reason: str
+    detail: Column
+
+
+def _first_failure(checks: Sequence[_Check]) -> tuple[Column, Column]:
+    """CASE expressions giving the first failing check's reason and detail (null when none)."""
+    reason = F.when(checks[0].failed, F.lit(checks[0].reason))
+    detail = F.when(checks[0].failed, checks[0].detail)
+    for check in checks[1:]:
+        reason = reason.when(check.failed, F.lit(check.reason))
+        detail = detail.when(check.failed, check.detail)
+    return reason, detail
+
+
+def _is_id(value: Column) -> Column:
+    return F.coalesce(value.rlike(_ID_PATTERN), F.lit(False))
+
+
+def _blank(value: Column) -> Column:
+    return value.isNull() | (value == "")
+
+
+def _out_of_range(ts: Column, rules: ValidationRules) -> Column:
+    return (ts < F.lit(rules.min_time)) | (ts > F.lit(rules.max_time))
+
+
+def _describe(name: str, value: Column) -> Column:
+    return F.concat(F.lit(f"{name}="), F.coalesce(value, F.lit("<null>")))
+
+
+def _finish(df: DataFrame, checks: Sequence[_Check]) -> DataFrame:
+    reason, detail = _first_failure(checks)
+    return df.withColumn(REASON, reason).withColumn(DETAIL, detail).select(*PARSED_COLUMNS)
+
+
+def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
+    """Parse Taobao UserBehavior CSV lines (see module docstring)."""
+    fields = F.split(F.col(RAW), ",", -1)
+
+    def field(i: int) -> Column:
+        return F.trim(F.try_element_at(fields, F.lit(i + 1)))
+
+    user, item, category, behavior, ts_text = (field(i) for i in range(_TAOBAO_FIELDS))
+    df = raw.select(
+        RAW,
+        SOURCE_FILE,
+        F.lit(None).cast("string").alias(EVENT_ID),
+        user.alias("_user"),
+        item.alias("_item"),
+        category.alias("_category"),
+        F.lower(behavior).alias(BEHAVIOR),
+        ts_text.alias("_ts"),
+        F.size(fields).alias("_n"),
+    )
+    ts = F.timestamp_seconds(F.col("_ts").try_cast("bigint"))
+    df = df.select(
+        "*",
+        F.col("_user").try_cast("bigint").alias(USER_ID),
+        F.col("_item").try_cast("bigint").alias(ITEM_ID),
+        F.col("_category").try_cast("bigint").alias(CATEGORY_ID),
+        ts.alias(EVENT_TS),
+        F.create_map().cast("map<string,string>").alias(EXTRAS),
+    )
+    blank = [
+        ("user_id", "_user"),
+        ("item_id", "_item"),
+        ("category_id", "_category"),
+        ("behavior_type", BEHAVIOR),
+        ("timestamp", "_ts"),
+    ]
+    checks = [
+        _Check(
+            F.col("_n") != _TAOBAO_FIELDS,
+            WRONG_FIELD_COUNT,
+            F.concat(F.lit(f"expected {_TAOBAO_FIELDS} fields, got "), F.col("_n").cast("string")),
+        ),
+        _missing_check(blank),
+        *_id_checks(
+            [
+                ("user_id", F.col("_user")),
+                ("item_id", F.col("_item")),
+                ("category_id", F.col("_category")),
+            ]
+        ),
+        _behavior_check(),
+        _Check(
+            ~F.coalesce(F.col("_ts").rlike(r"^[0-9]{1,12}$"), F.lit(False)),
+            INVALID_TIMESTAMP,
+            _describe("timestamp", F.col("_ts")),
+        ),
+        _range_check(rules),
+    ]
+    return _finish(df, checks)
+
+
+def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
+    """Parse JSON-lines click events (see module docstring for the schema)."""
+    obj = F.from_json(F.col(RAW), "map<string,string>")
+
+    def key(name: str) -> Column:
+        return F.trim(F.try_element_at(F.col("_obj"), F.lit(name)))
+
+    df = raw.select(RAW, SOURCE_FILE, obj.alias("_obj"))
+    df = df.select(
+        "*",
+        key(EVENT_ID).alias("_event_id"),
+        key(USER_ID).alias("_user"),
+        key(ITEM_ID).alias("_item"),
+        key(CATEGORY_ID).alias("_category"),
+        F.lower(key(BEHAVIOR)).alias(BEHAVIOR),
+        key("ts").alias("_ts"),
+    )
+    epoch = F.col("_ts").try_cast("double")
+    micros = F.when(epoch >= _MILLIS_THRESHOLD, epoch * 1_000).otherwise(epoch * 1_000_000)
+    ts = (
+        F.when(~F.col("_ts").rlike(_EPOCH_PATTERN), F.try_to_timestamp(F.col("_ts")))
+        .when(epoch < _EPOCH_LIMIT, F.timestamp_micros(F.round(micros).try_cast("bigint")))
+    )
+    df = df.select(
+        "*",
+        F.when(~_blank(F.col("_event_id")), F.col("_event_id")).alias(EVENT_ID),
+        F.col("_user").try_cast("bigint").alias(USER_ID),
+        F.col("_item").try_cast("bigint").alias(ITEM_ID),
+        F.col("_category").try_cast("bigint").alias(CATEGORY_ID),
+        ts.alias(EVENT_TS),
+        F.map_filter("_obj", lambda k, _: ~k.isin(*_JSON_KNOWN_KEYS)).alias(EXTRAS),
+    )
+    required = [
+        ("user_id", "_user"),
+        ("item_id", "_item"),
+        ("behavior_type", BEHAVIOR),
+        ("ts", "_ts"),
+    ]
+    checks = [
+        _Check(F.col("_obj").isNull(), MALFORMED_JSON, F.lit("not a JSON object")),
+        _missing_check(required),
+        *_id_checks(
+            [("user_id", F.col("_user")), ("item_id", F.col("_item"))],
+            optional=[("category_id", F.col("_category"))],
+        ),
+        _behavior_check(),
+        _Check(F.col(EVENT_TS).isNull(), INVALID_TIMESTAMP, _describe("ts", F.col("_ts"))),
+        _range_check(rules),
+    ]
+    return _finish(df, checks)
+
+
+def parse_sequences(raw: DataFrame, rules: ValidationRules) -> DataFrame:
+    """Parse ``user item item ...`` lines into one ``buy`` event per item occurrence."""
+    tokens = F.split(F.trim(F.col(RAW)), r"\s+")
+    df = raw.select(
+        RAW,
+        SOURCE_FILE,
+        F.try_element_at(tokens, F.lit(1)).alias("_user"),
+        F.slice(tokens, 2, F.greatest(F.size(tokens) - 1, F.lit(0))).alias("_items"),
+    )
+    df = df.select(RAW, SOURCE_FILE, "_user", F.posexplode_outer("_items").alias("_pos", "_item"))
+    base = F.lit(rules.sequence_base_time).cast("timestamp")
+    step = F.make_dt_interval(secs=F.col("_pos") * rules.sequence_step_seconds)
+    df = df.select(
+        "*",
+        F.lit(None).cast("string").alias(EVENT_ID),
+        F.col("_user").try_cast("bigint").alias(USER_ID),
+        F.col("_item").try_cast("bigint").alias(ITEM_ID),
+        F.lit(None).cast("bigint").alias(CATEGORY_ID),
+        F.lit("buy").alias(BEHAVIOR),
+        (base + step).alias(EVENT_TS),
+        F.create_map().cast("map<string,string>").alias(EXTRAS),
+    )
+    checks = [
+        _Check(
+            _blank(F.col("_user")) | F.col("_item").isNull(),
+            MISSING_FIELD,
+            F.lit("line has no items"),
+        ),
+        *_id_checks([("user_id", F.col("_user")), ("item_id", F.col("_item"))]),
+        _range_check(rules),
+    ]
+    return _finish(df, checks)
+
+
+def _missing_check(fields: Sequence[tuple[str, str]]) -> _Check:
+    """Missing-field check over (name, column) pairs; the detail names the first empty one."""
+    empty = [(name, _blank(F.col(column))) for name, column in fields]
+    which = F.when(empty[0][1], F.lit(empty[0][0]))
+    for name, condition in empty[1:]:
+        which = which.when(condition, F.lit(name))
+    return _Check(
+        reduce(operator.or_, (condition for _, condition in empty)),
+        MISSING_FIELD,
+        F.concat(F.lit("empty "), which),
+    )
+
+
+def _id_checks(
+    required: Sequence[tuple[str, Column]], optional: Sequence[tuple[str, Column]] = ()
+) -> list[_Check]:
+    checks = [_Check(~_is_id(value), INVALID_ID, _describe(name, value)) for name, value in required]
+    checks += [
+        _Check(~_blank(value) & ~_is_id(value), INVALID_ID, _describe(name, value))
+        for name, value in optional
+    ]
+    return checks
+
+
+def _behavior_check() -> _Check:
+    return _Check(
+        ~F.coalesce(F.col(BEHAVIOR).isin(*BEHAVIORS), F.lit(False)),
+        UNKNOWN_BEHAVIOR,
+        _describe("behavior_type", F.col(BEHAVIOR)),
+    )
+
+
+def _range_check(rules: ValidationRules) -> _Check:
+    return _Check(
+        _out_of_range(F.col(EVENT_TS), rules),
+        TIMESTAMP_OUT_OF_RANGE,
+        F.concat(F.lit("event time "), F.col(EVENT_TS).cast("string")),
+    )
+
+
+PARSERS: dict[str, Callable[[DataFrame, ValidationRules], DataFrame]] = {
+    "taobao": parse_taobao,
+    "jsonl": parse_jsonl,
+    "sequences": parse_sequences,
+}
+
+
+def parse_lines(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> DataFrame:
+    """Dispatch on ``fmt``; ``raw`` has columns ``raw`` and ``source_file``."""
+    try:
+        parser = PARSERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown input format {fmt!r}; expected one of {sorted(PARSERS)}") from None
+    return parser(raw, rules)

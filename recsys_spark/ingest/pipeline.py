@@ -1,0 +1,401 @@
+"""Bronze -> silver ingest of a behaviour log: ``recsys ingest`` and ``jobs/ingest.py``.
+
+Every input row ends in exactly one place — silver ``events``, ``quarantine/events`` (with a
+reason code), or the duplicate count — and ``rows_in == rows_clean + rows_quarantined +
+rows_duplicate`` holds for every run. Raw lines are kept as read in ``bronze/events_raw``.
+
+Idempotency: a run's id is derived from the content of the files it ingests. Every table write
+carries that id as a Delta application transaction, so a rerun after a crash skips the writes
+that were already committed and completes the rest; files whose content a successful run
+already ingested are not read again and count as duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from recsys_spark.config import Settings
+from recsys_spark.constants import (
+    BRONZE_EVENTS_RAW,
+    EVENT_KEY,
+    EVENT_TS,
+    INGEST_DATE,
+    ITEM_ID,
+    ITEM_IDX,
+    OPS_INGEST_RUNS,
+    QUARANTINE_EVENTS,
+    RAW,
+    REASON,
+    RUN_ID,
+    SILVER_EVENTS,
+    SILVER_ITEM_INDEX,
+    SILVER_USER_INDEX,
+    SOURCE_FILE,
+    USER_ID,
+    USER_IDX,
+    EVENT_DATE,
+    InputFormat,
+)
+from recsys_spark.errors import InputDataError
+from recsys_spark.ingest.parse import ValidationRules, parse_lines
+from recsys_spark.ingest.sources import InputFile, discover_inputs
+from recsys_spark.ingest.transforms import (
+    bronze_rows,
+    drop_known,
+    event_key,
+    first_occurrences,
+    new_index_entries,
+    quarantine_rows,
+    silver_rows,
+    with_indices,
+)
+from recsys_spark.logs import get_logger, log_event, timed
+from recsys_spark.storage import Idempotency, Lakehouse
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = get_logger("ingest")
+
+INGEST_RUNS_SCHEMA = T.StructType(
+    [
+        T.StructField("run_id", T.StringType()),
+        T.StructField("attempt_started_at", T.TimestampType()),
+        T.StructField("finished_at", T.TimestampType()),
+        T.StructField("status", T.StringType()),
+        T.StructField("format", T.StringType()),
+        T.StructField("input", T.StringType()),
+        T.StructField(
+            "files",
+            T.ArrayType(
+                T.StructType(
+                    [
+                        T.StructField("path", T.StringType()),
+                        T.StructField("fingerprint", T.StringType()),
+                        T.StructField("rows_in", T.LongType()),
+                        T.StructField("skipped", T.BooleanType()),
+                    ]
+                )
+            ),
+        ),
+        T.StructField("rows_in", T.LongType()),
+        T.StructField("rows_clean", T.LongType()),
+        T.StructField("rows_quarantined", T.LongType()),
+        T.StructField("rows_duplicate", T.LongType()),
+        T.StructField("lines_in", T.LongType()),
+        T.StructField("quarantine_reasons", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("new_users", T.LongType()),
+        T.StructField("new_items", T.LongType()),
+        T.StructField("table_versions", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("engine", T.StringType()),
+    ]
+)
+
+
+@dataclass
+class IngestReport:
+    """What one ``recsys ingest`` did; ``--json`` prints it."""
+
+    run_id: str
+    format: str
+    input: str
+    status: str
+    rows_in: int
+    rows_clean: int
+    rows_quarantined: int
+    rows_duplicate: int
+    lines_in: int
+    quarantine_reasons: dict[str, int]
+    files: list[dict[str, Any]]
+    new_users: int = 0
+    new_items: int = 0
+    table_versions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _ParseSummary:
+    """Counts of one parse, per file and per reason (``None`` = valid)."""
+
+    per_file_reason: dict[tuple[str, str | None], int]
+    first_valid_date: date | None
+    last_valid_date: date | None
+
+    @property
+    def valid(self) -> int:
+        return sum(n for (_, reason), n in self.per_file_reason.items() if reason is None)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for (_, reason), n in self.per_file_reason.items():
+            if reason is not None:
+                counts[reason] += n
+        return dict(sorted(counts.items()))
+
+    def rows_of(self, path: str) -> int:
+        return sum(n for (p, _), n in self.per_file_reason.items() if p == path)
+
+
+def validation_rules(settings: Settings, now: datetime) -> ValidationRules:
+    return ValidationRules(
+        min_time=settings.ingest.min_event_time,
+        max_time=now + timedelta(seconds=settings.ingest.max_future_seconds),
+        sequence_base_time=settings.ingest.sequence_base_time,
+        sequence_step_seconds=settings.ingest.sequence_step_seconds,
+    )
+
+
+def run_ingest(
+    spark: SparkSession,
+    lake: Lakehouse,
+    settings: Settings,
+    *,
+    input_path: str,
+    fmt: InputFormat,
+    now: datetime | None = None,
+) -> IngestReport:
+    """Ingest ``input_path`` (a file or a folder of files) of format ``fmt`` into the lakehouse.
+
+    Raises:
+        InputDataError: missing or empty input, or nothing in it parses as ``fmt``; nothing is
+            written then.
+    """
+    started = now or datetime.now(UTC)
+    files = discover_inputs(input_path)
+    with lake.lock("ingest"):
+        ingested = _ingested_fingerprints(lake)
+        new_files = [f for f in files if f.fingerprint not in ingested]
+        run_id = _run_id(fmt, new_files or files)
+        log_event(log, "ingest.start", run_id=run_id, format=fmt, files=len(files),
+                  already_ingested=len(files) - len(new_files))
+        skipped_rows = sum(ingested.get(f.fingerprint, 0) for f in files if f not in new_files)
+        if new_files:
+            report = _ingest_files(spark, lake, settings, new_files, run_id, fmt, started)
+        else:
+            report = _empty_report(run_id, fmt)
+        report.input = str(input_path)
+        report.rows_in += skipped_rows
+        report.rows_duplicate += skipped_rows
+        report.files += [
+            {"path": f.path, "fingerprint": f.fingerprint, "rows_in": ingested[f.fingerprint],
+             "skipped": True}
+            for f in files
+            if f not in new_files
+        ]
+        report.status = "succeeded" if new_files else "skipped"
+        report.seconds = round((datetime.now(UTC) - started).total_seconds(), 2)
+        _record_run(spark, lake, report, started)
+    log_event(log, "ingest.done", **{k: v for k, v in report.as_dict().items() if k != "files"})
+    return report
+
+
+def _ingest_files(
+    spark: SparkSession,
+    lake: Lakehouse,
+    settings: Settings,
+    files: list[InputFile],
+    run_id: str,
+    fmt: InputFormat,
+    started: datetime,
+) -> IngestReport:
+    once = Idempotency(app_id=run_id, version=1)
+    raw = read_lines(spark, [f.path for f in files])
+    parsed = parse_lines(raw, fmt, validation_rules(settings, started))
+
+    with timed(log, "ingest.validate", run_id=run_id) as out:
+        summary = _summarize(parsed)
+        out.update(valid=summary.valid, quarantined=summary.reasons)
+    if summary.valid == 0:
+        reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
+        raise InputDataError(
+            f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); "
+            "check --format"
+        )
+    versions: dict[str, int] = {}
+    with timed(log, "ingest.bronze", run_id=run_id):
+        bronze = lake.write(
+            bronze_rows(raw, run_id, started), BRONZE_EVENTS_RAW, partition_by=[INGEST_DATE],
+            idempotency=once,
+        )
+        versions[BRONZE_EVENTS_RAW] = bronze.version
+    with timed(log, "ingest.quarantine", run_id=run_id):
+        versions[QUARANTINE_EVENTS] = lake.write(
+            quarantine_rows(parsed, run_id, started), QUARANTINE_EVENTS,
+            partition_by=[INGEST_DATE], idempotency=once,
+        ).version
+
+    valid = parsed.filter(F.col(REASON).isNull()).withColumn(EVENT_KEY, event_key())
+    known = None
+    if lake.exists(SILVER_EVENTS):
+        # Only the dates this input covers can hold its duplicates (partition pruning). Rows
+        # this same run committed before a crash are not "already known": they are ours.
+        known = (
+            lake.read(SILVER_EVENTS)
+            .filter(F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date))
+            .filter(F.col(RUN_ID) != run_id)
+            .select(EVENT_KEY)
+        )
+    clean = drop_known(first_occurrences(valid), known).persist()
+    try:
+        with timed(log, "ingest.dictionaries", run_id=run_id) as out:
+            user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
+            item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
+            versions[SILVER_USER_INDEX] = lake.version(SILVER_USER_INDEX)
+            versions[SILVER_ITEM_INDEX] = lake.version(SILVER_ITEM_INDEX)
+            out.update(new_users=new_users, new_items=new_items)
+        with timed(log, "ingest.silver", run_id=run_id):
+            result = lake.write(
+                silver_rows(with_indices(clean, user_index, item_index), run_id),
+                SILVER_EVENTS,
+                partition_by=[EVENT_DATE],
+                idempotency=once,
+            )
+    finally:
+        clean.unpersist()
+    versions[SILVER_EVENTS] = result.version
+    rows_clean = result.rows_written
+    if rows_clean is None:  # committed by an earlier attempt of this run
+        rows_clean = lake.read(SILVER_EVENTS).filter(F.col(RUN_ID) == run_id).count()
+    quarantined = sum(summary.reasons.values())
+    return IngestReport(
+        run_id=run_id,
+        format=fmt,
+        input="",
+        status="succeeded",
+        rows_in=summary.valid + quarantined,
+        rows_clean=rows_clean,
+        rows_quarantined=quarantined,
+        rows_duplicate=summary.valid - rows_clean,
+        lines_in=bronze.rows_written if bronze.rows_written is not None else raw.count(),
+        quarantine_reasons=summary.reasons,
+        files=[
+            {"path": f.path, "fingerprint": f.fingerprint, "rows_in": summary.rows_of(f.path),
+             "skipped": False}
+            for f in files
+        ],
+        new_users=new_users,
+        new_items=new_items,
+        table_versions=versions,
+    )
+
+
+def read_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """Raw lines with the path of the file they came from."""
+    return spark.read.text(paths).select(
+        F.col("value").alias(RAW), F.col("_metadata.file_path").alias(SOURCE_FILE)
+    )
+
+
+def _summarize(parsed: DataFrame) -> _ParseSummary:
+    rows = (
+        parsed.groupBy(SOURCE_FILE, REASON)
+        .agg(
+            F.count("*").alias("n"),
+            F.min(F.to_date(EVENT_TS)).alias("lo"),
+            F.max(F.to_date(EVENT_TS)).alias("hi"),
+        )
+        .collect()
+    )
+    valid = [r for r in rows if r[REASON] is None]
+    return _ParseSummary(
+        {(_local_path(r[SOURCE_FILE]), r[REASON]): int(r["n"]) for r in rows},
+        first_valid_date=min((r["lo"] for r in valid), default=None),
+        last_valid_date=max((r["hi"] for r in valid), default=None),
+    )
+
+
+def _local_path(uri: str) -> str:
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
+
+
+def _extend_index(
+    lake: Lakehouse,
+    clean: DataFrame,
+    table: str,
+    col_id: str,
+    col_idx: str,
+    once: Idempotency,
+) -> tuple[DataFrame, int]:
+    index = lake.read(table) if lake.exists(table) else None
+    next_idx = 0
+    if index is not None:
+        top = index.agg(F.max(col_idx)).first()[0]
+        next_idx = 0 if top is None else int(top) + 1
+    entries = new_index_entries(clean, index, col_id=col_id, col_idx=col_idx, next_idx=next_idx)
+    entries = entries.withColumn(RUN_ID, F.lit(once.app_id))
+    result = lake.write(entries, table, idempotency=once)
+    return lake.read(table), result.rows_written or 0
+
+
+def _ingested_fingerprints(lake: Lakehouse) -> dict[str, int]:
+    """Fingerprint -> rows of every file a successful run ingested."""
+    if not lake.exists(OPS_INGEST_RUNS):
+        return {}
+    rows = (
+        lake.read(OPS_INGEST_RUNS)
+        .filter(F.col("status") == "succeeded")
+        .select(F.explode("files").alias("f"))
+        .filter(~F.col("f.skipped"))
+        .select("f.fingerprint", "f.rows_in")
+        .collect()
+    )
+    return {r["fingerprint"]: int(r["rows_in"]) for r in rows}
+
+
+def _run_id(fmt: str, files: list[InputFile]) -> str:
+    digest = hashlib.sha256(fmt.encode())
+    for fingerprint in sorted(f.fingerprint for f in files):
+        digest.update(fingerprint.encode())
+    return f"ingest-{digest.hexdigest()[:16]}"
+
+
+def _empty_report(run_id: str, fmt: str) -> IngestReport:
+    return IngestReport(
+        run_id=run_id,
+        format=fmt,
+        input="",
+        status="skipped",
+        rows_in=0,
+        rows_clean=0,
+        rows_quarantined=0,
+        rows_duplicate=0,
+        lines_in=0,
+        quarantine_reasons={},
+        files=[],
+    )
+
+
+def _record_run(spark: SparkSession, lake: Lakehouse, report: IngestReport, started: datetime) -> None:
+    row = (
+        report.run_id,
+        started,
+        datetime.now(UTC),
+        report.status,
+        report.format,
+        report.input,
+        [(f["path"], f["fingerprint"], f["rows_in"], f["skipped"]) for f in report.files],
+        report.rows_in,
+        report.rows_clean,
+        report.rows_quarantined,
+        report.rows_duplicate,
+        report.lines_in,
+        report.quarantine_reasons,
+        report.new_users,
+        report.new_items,
+        report.table_versions,
+        lake.engine.name,
+    )
+    record = spark.createDataFrame([row], INGEST_RUNS_SCHEMA).coalesce(1)
+    report.table_versions[OPS_INGEST_RUNS] = lake.write(record, OPS_INGEST_RUNS).version

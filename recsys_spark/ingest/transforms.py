@@ -1,0 +1,143 @@
+"""Pure DataFrame transforms of the ingest: event keys, duplicates, dictionaries, table rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys_spark.constants import (
+    BEHAVIOR,
+    CATEGORY_ID,
+    DETAIL,
+    EVENT_DATE,
+    EVENT_ID,
+    EVENT_KEY,
+    EVENT_TS,
+    EXTRAS,
+    INGEST_DATE,
+    INGESTED_AT,
+    ITEM_ID,
+    ITEM_IDX,
+    RAW,
+    REASON,
+    RUN_ID,
+    SOURCE_FILE,
+    USER_ID,
+    USER_IDX,
+)
+
+SILVER_EVENT_COLUMNS: tuple[str, ...] = (
+    EVENT_KEY,
+    EVENT_ID,
+    USER_ID,
+    ITEM_ID,
+    CATEGORY_ID,
+    BEHAVIOR,
+    EVENT_TS,
+    USER_IDX,
+    ITEM_IDX,
+    EXTRAS,
+    SOURCE_FILE,
+    RUN_ID,
+    EVENT_DATE,
+)
+
+
+def event_key(
+    *,
+    col_event_id: str = EVENT_ID,
+    col_user: str = USER_ID,
+    col_item: str = ITEM_ID,
+    col_behavior: str = BEHAVIOR,
+    col_ts: str = EVENT_TS,
+) -> Column:
+    """The deduplication key: ``e:<event_id>`` when the source has one, else the natural key
+    ``user:item:behaviour:epoch-micros``. Readable and collision-free, unlike a 64-bit hash.
+    """
+    natural = F.concat_ws(
+        ":", F.col(col_user), F.col(col_item), F.col(col_behavior), F.unix_micros(F.col(col_ts))
+    )
+    return F.coalesce(F.concat(F.lit("e:"), F.col(col_event_id)), natural)
+
+
+def first_occurrences(events: DataFrame, *, col_key: str = EVENT_KEY) -> DataFrame:
+    """One row per key. Exact duplicates are identical; among key duplicates with different
+    payloads the row whose raw text sorts first wins, so reruns keep the same row.
+    """
+    order = Window.partitionBy(col_key).orderBy(F.col(SOURCE_FILE), F.col(RAW))
+    return (
+        events.withColumn("_occurrence", F.row_number().over(order))
+        .filter(F.col("_occurrence") == 1)
+        .drop("_occurrence")
+    )
+
+
+def drop_known(events: DataFrame, known_keys: DataFrame | None, *, col_key: str = EVENT_KEY) -> DataFrame:
+    """Events whose key is not among ``known_keys`` (already-ingested events)."""
+    if known_keys is None:
+        return events
+    return events.join(known_keys.select(col_key).distinct(), on=col_key, how="left_anti")
+
+
+def new_index_entries(
+    ids: DataFrame,
+    index: DataFrame | None,
+    *,
+    col_id: str,
+    col_idx: str,
+    next_idx: int,
+) -> DataFrame:
+    """Dictionary rows for ids not yet in ``index``, numbered from ``next_idx`` in id order.
+
+    Existing ids keep their index forever; new ones extend the range without gaps. Numbering
+    needs one ordered pass over the *new* ids only (a single partition, small by nature).
+    """
+    new_ids = ids.select(col_id).distinct()
+    if index is not None:
+        new_ids = new_ids.join(index.select(col_id), on=col_id, how="left_anti")
+    order = Window.orderBy(col_id)
+    return new_ids.select(
+        col_id, (F.row_number().over(order) - 1 + F.lit(next_idx)).cast("int").alias(col_idx)
+    )
+
+
+def with_indices(events: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
+    """Attach the dense ``user_idx`` and ``item_idx`` of every event (inner joins: every id has
+    an entry once the dictionaries are extended)."""
+    return events.join(user_index.select(USER_ID, USER_IDX), USER_ID).join(
+        item_index.select(ITEM_ID, ITEM_IDX), ITEM_ID
+    )
+
+
+def silver_rows(events: DataFrame, run_id: str) -> DataFrame:
+    return events.select(
+        *[c for c in SILVER_EVENT_COLUMNS if c not in (RUN_ID, EVENT_DATE)],
+        F.lit(run_id).alias(RUN_ID),
+        F.to_date(EVENT_TS).alias(EVENT_DATE),
+    )
+
+
+def bronze_rows(raw: DataFrame, run_id: str, ingested_at: datetime) -> DataFrame:
+    """Raw lines exactly as read, with where they came from and which run read them."""
+    return raw.select(
+        RAW,
+        SOURCE_FILE,
+        F.lit(run_id).alias(RUN_ID),
+        F.lit(ingested_at).cast("timestamp").alias(INGESTED_AT),
+        F.lit(ingested_at.date()).alias(INGEST_DATE),
+    )
+
+
+def quarantine_rows(parsed: DataFrame, run_id: str, quarantined_at: datetime) -> DataFrame:
+    """Rows that failed validation: the raw line, its file, the reason code and a detail."""
+    return parsed.filter(F.col(REASON).isNotNull()).select(
+        RAW,
+        SOURCE_FILE,
+        REASON,
+        DETAIL,
+        F.lit(run_id).alias(RUN_ID),
+        F.lit(quarantined_at).cast("timestamp").alias(INGESTED_AT),
+        F.lit(quarantined_at.date()).alias(INGEST_DATE),
+    )

@@ -1,0 +1,81 @@
+"""Structured logging: every record is an event name plus fields, as ``key=value`` text or JSON.
+
+Logs go to standard error so standard output stays free for results (``--json`` prints one object
+as the last line of standard output).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+_FIELDS = "fields"
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        parts = [stamp, record.levelname, record.name, record.getMessage()]
+        for key, value in getattr(record, _FIELDS, {}).items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            parts.append(f"{key}={text}" if " " not in text else f"{key}={json.dumps(text)}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+            **getattr(record, _FIELDS, {}),
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Route the project's loggers to standard error; quieten py4j's chatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger("recsys")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the ``recsys`` hierarchy (``recsys.ingest``, ``recsys.storage``...)."""
+    return logging.getLogger(f"recsys.{name}")
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log ``event`` with structured ``fields``."""
+    logger.log(level, event, extra={_FIELDS: fields})
+
+
+@contextmanager
+def timed(logger: logging.Logger, event: str, **fields: Any) -> Iterator[dict[str, Any]]:
+    """Log ``<event>.start`` and ``<event>.done`` with the elapsed seconds.
+
+    The yielded dict collects extra fields for the ``done`` line.
+    """
+    log_event(logger, f"{event}.start", **fields)
+    extra: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield extra
+    log_event(
+        logger, f"{event}.done", seconds=round(time.perf_counter() - start, 2), **fields, **extra
+    )

@@ -1,0 +1,153 @@
+"""The one Spark session factory.
+
+Local runs (``master: local[*]``, the embedded default) get the hygiene they need on a laptop or a
+CI box: loopback networking, no UI, UTC, scratch space under the lakehouse instead of ``/tmp``,
+quiet JVM logs. On clusters ``master: null`` leaves everything to spark-submit and only the
+project's required properties and ``spark.conf`` from config are applied.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recsys_spark.config import Settings
+from recsys_spark.errors import EngineUnavailableError
+from recsys_spark.logs import get_logger, log_event
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = get_logger("spark")
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+DELTA_TABLE_CLASS = "io.delta.tables.DeltaTable"
+
+# Properties every stage relies on, local or cluster: UTC everywhere, and Parquet timestamps as
+# INT64 micros (INT96 carries no statistics, which Delta's data skipping needs).
+REQUIRED_CONF: dict[str, str] = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+
+def work_dir(settings: Settings) -> Path:
+    """Scratch space of local runs (Spark spill, Ivy cache, torchrun folders), under the root."""
+    return Path(settings.root) / "_work"
+
+
+def is_local(settings: Settings) -> bool:
+    return (settings.spark.master or "").startswith("local")
+
+
+def session_conf(settings: Settings) -> dict[str, str]:
+    """All properties the factory sets, in the order later ones win."""
+    conf = dict(REQUIRED_CONF)
+    conf["spark.app.name"] = settings.spark.app_name
+    conf["spark.sql.shuffle.partitions"] = str(settings.spark.shuffle_partitions)
+    if is_local(settings):
+        scratch = work_dir(settings)
+        log4j = resources.files("recsys_spark") / "resources" / "log4j2.properties"
+        conf.update(
+            {
+                "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
+                "spark.sql.warehouse.dir": str(scratch / "warehouse"),
+                "spark.jars.ivy": str(scratch / "ivy"),
+                "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
+                "spark.driver.host": "127.0.0.1",
+                "spark.driver.bindAddress": "127.0.0.1",
+            }
+        )
+        if settings.spark.driver_memory:
+            conf["spark.driver.memory"] = settings.spark.driver_memory
+    conf.update(
+        {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.spark.conf.items()}
+    )
+    if settings.storage.engine == "delta-spark" or (
+        settings.storage.engine == "auto" and delta_jars_configured(conf)
+    ):
+        conf.setdefault("spark.sql.extensions", DELTA_EXTENSION)
+        conf.setdefault("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
+        # New tables without deletion vectors stay readable by the delta-rs engine.
+        conf.setdefault("spark.databricks.delta.properties.defaults.enableDeletionVectors", "false")
+    return conf
+
+
+def delta_jars_configured(conf: dict[str, str]) -> bool:
+    """Whether Delta's jars will be on the classpath of a session started with ``conf``.
+
+    Checked before the JVM starts, because the Delta catalog must be configured up front and a
+    configured-but-missing catalog class breaks every later table lookup.
+    """
+    if "io.delta" in conf.get("spark.jars.packages", ""):
+        return True
+    if "delta-spark" in conf.get("spark.jars", ""):
+        return True
+    jar_dirs = [os.path.join(os.environ.get("SPARK_HOME", ""), "jars")]
+    try:
+        import pyspark
+
+        jar_dirs.append(os.path.join(os.path.dirname(pyspark.__file__), "jars"))
+    except ImportError:  # pragma: no cover - pyspark is a hard dependency
+        pass
+    return any(glob.glob(os.path.join(d, "delta-spark_*.jar")) for d in jar_dirs if d)
+
+
+def get_spark(settings: Settings) -> SparkSession:
+    """Return the active session, creating it from ``settings`` on first use."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    if is_local(settings):
+        # Loopback only, and workers use this very interpreter (the venv's), not "python3".
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        # Spill and shuffle files under the lakehouse, not /tmp (env, not spark.local.dir, which
+        # Spark warns it may override).
+        os.environ.setdefault("SPARK_LOCAL_DIRS", str(work_dir(settings) / "spark"))
+        work_dir(settings).mkdir(parents=True, exist_ok=True)
+    builder = SparkSession.builder
+    if settings.spark.master:
+        builder = builder.master(settings.spark.master)
+    conf = session_conf(settings)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # the JVM failed to start; say what usually causes it
+        raise EngineUnavailableError(
+            f"could not start Spark ({type(exc).__name__}: {exc}); Spark needs Java 17 on PATH "
+            "or JAVA_HOME"
+        ) from exc
+    spark.sparkContext.setLogLevel(settings.spark.log_level)
+    log_event(
+        log,
+        "spark.session",
+        master=spark.sparkContext.master,
+        version=spark.version,
+        shuffle_partitions=conf["spark.sql.shuffle.partitions"],
+    )
+    return spark
+
+
+def delta_spark_loaded(spark: SparkSession) -> bool:
+    """Whether Delta's Spark classes can be loaded in this (running) session."""
+    jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the JVM
+    if jvm is None:
+        return False
+    try:
+        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+        jvm.java.lang.Class.forName(DELTA_TABLE_CLASS, False, loader)
+    except Exception:  # py4j surfaces ClassNotFoundException as a generic Py4JJavaError
+        return False
+    return True

@@ -1,0 +1,264 @@
+"""The one storage module: every stage reads and writes tables by name through ``Lakehouse``.
+
+Tables live at ``<root>/<layer>/<table>`` (layers: bronze, silver, gold, quarantine, serving,
+ops) and are genuine Delta tables whichever engine wrote them::
+
+    lake = open_lakehouse(spark, settings)
+    lake.write(df, "silver/events", mode="append", partition_by=["event_date"])
+    lake.read("silver/events", version=3)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from recsys_spark.config import Settings
+from recsys_spark.constants import LAYERS
+from recsys_spark.errors import EngineUnavailableError, TableNotFoundError
+from recsys_spark.logs import get_logger, log_event
+from recsys_spark.spark import delta_spark_loaded
+from recsys_spark.storage.base import (
+    CommitResult,
+    Idempotency,
+    PartitionFilter,
+    TableEngine,
+    WriteMode,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = [
+    "CommitResult",
+    "Idempotency",
+    "Lakehouse",
+    "PartitionFilter",
+    "TableInfo",
+    "open_lakehouse",
+    "resolve_engine",
+]
+
+log = get_logger("storage")
+
+_TABLE_NAME = re.compile(r"^(?P<layer>[a-z]+)/(?P<table>[a-z][a-z0-9_]*)$")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    path: str
+    version: int
+
+
+class Lakehouse:
+    """Named Delta tables under one root, through one engine."""
+
+    def __init__(self, root: str, engine: TableEngine) -> None:
+        self.root = root
+        self.engine = engine
+
+    def path(self, table: str) -> str:
+        """``<root>/<layer>/<table>`` for a name like ``"silver/events"``."""
+        match = _TABLE_NAME.match(table)
+        if match is None or match["layer"] not in LAYERS:
+            raise ValueError(
+                f"table name {table!r} must be '<layer>/<name>' with layer in {', '.join(LAYERS)}"
+            )
+        return f"{self.root}/{table}"
+
+    def exists(self, table: str) -> bool:
+        return self.engine.exists(self.path(table))
+
+    def version(self, table: str) -> int:
+        path = self.path(table)
+        if not self.engine.exists(path):
+            raise TableNotFoundError(f"table {table} does not exist under {self.root}")
+        return self.engine.version(path)
+
+    def read(
+        self, table: str, *, version: int | None = None, timestamp: datetime | None = None
+    ) -> DataFrame:
+        """The table as of its latest version, or as of ``version`` / ``timestamp``."""
+        if version is not None and timestamp is not None:
+            raise ValueError("read as of a version or a timestamp, not both")
+        path = self.path(table)
+        if not self.engine.exists(path):
+            raise TableNotFoundError(f"table {table} does not exist under {self.root}")
+        return self.engine.read(path, version=version, timestamp=timestamp)
+
+    def write(
+        self,
+        df: DataFrame,
+        table: str,
+        *,
+        mode: WriteMode = "append",
+        partition_by: Sequence[str] = (),
+        partition_filters: Sequence[PartitionFilter] | None = None,
+        idempotency: Idempotency | None = None,
+        commit_info: dict[str, str] | None = None,
+    ) -> CommitResult:
+        """Append, overwrite, or overwrite only ``partition_filters``' partitions, atomically.
+
+        Args:
+            df: rows to write; columns and types must match the table's when appending.
+            table: ``"<layer>/<name>"``.
+            mode: ``"append"`` or ``"overwrite"``.
+            partition_by: partition columns (must match the table's once it exists).
+            partition_filters: with ``mode="overwrite"``, replace only these partitions, e.g.
+                ``[("event_date", "in", ["2024-01-01"])]``.
+            idempotency: apply this write at most once (Delta application transaction).
+            commit_info: key/values recorded in the commit (e.g. source table versions).
+        """
+        if partition_filters and mode != "overwrite":
+            raise ValueError("partition_filters select partitions to overwrite; use mode='overwrite'")
+        return self.engine.write(
+            df,
+            self.path(table),
+            mode=mode,
+            partition_by=partition_by,
+            partition_filters=partition_filters,
+            idempotency=idempotency,
+            commit_info=commit_info or {},
+        )
+
+    def upsert(
+        self,
+        df: DataFrame,
+        table: str,
+        *,
+        keys: Sequence[str],
+        partition_by: Sequence[str] = (),
+        update_condition: str | None = None,
+        idempotency: Idempotency | None = None,
+        commit_info: dict[str, str] | None = None,
+    ) -> CommitResult:
+        """MERGE on ``keys``: matched rows are replaced (when ``update_condition`` holds, written
+        over aliases ``t`` for the table and ``s`` for ``df``), the rest inserted. Creates the
+        table, partitioned by ``partition_by``, on first use.
+        """
+        path = self.path(table)
+        if not self.engine.exists(path):
+            return self.engine.write(
+                df,
+                path,
+                mode="append",
+                partition_by=partition_by,
+                partition_filters=None,
+                idempotency=idempotency,
+                commit_info=commit_info or {},
+            )
+        return self.engine.upsert(
+            df,
+            path,
+            keys=keys,
+            update_condition=update_condition,
+            idempotency=idempotency,
+            commit_info=commit_info or {},
+        )
+
+    def delete(self, table: str, predicate: str) -> CommitResult:
+        """Delete the rows matching a SQL ``predicate`` (one commit)."""
+        return self.engine.delete(self._existing(table), predicate)
+
+    def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Commits, newest first."""
+        return self.engine.history(self._existing(table), limit)
+
+    def optimize(self, table: str) -> dict[str, Any]:
+        """Compact small files into larger ones (a data-preserving commit)."""
+        metrics = self.engine.optimize(self._existing(table))
+        log_event(log, "table.optimized", table=table)
+        return metrics
+
+    def vacuum(self, table: str, retention_hours: float) -> list[str]:
+        """Delete files unreferenced for ``retention_hours``, including crashed writes' orphans."""
+        removed = self.engine.vacuum(self._existing(table), retention_hours)
+        log_event(log, "table.vacuumed", table=table, files_removed=len(removed))
+        return removed
+
+    def transaction_version(self, table: str, app_id: str) -> int | None:
+        """The last version committed by ``app_id`` (see ``Idempotency``), if any."""
+        return self.engine.transaction_version(self.path(table), app_id)
+
+    def tables(self) -> list[TableInfo]:
+        """Every table under the root (local roots only), sorted by name."""
+        found = []
+        for layer in LAYERS:
+            layer_dir = os.path.join(self.root, layer)
+            if not os.path.isdir(layer_dir):
+                continue
+            for name in sorted(os.listdir(layer_dir)):
+                table = f"{layer}/{name}"
+                if _TABLE_NAME.match(table) and self.engine.exists(self.path(table)):
+                    found.append(TableInfo(table, self.path(table), self.version(table)))
+        return found
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the lakehouse-wide lock ``name`` (e.g. ``"ingest"``), waiting for it if needed.
+
+        Stages that hand out ids (ingest's dictionaries) must not run twice at once on one
+        root. Local roots use a file lock; on remote roots the orchestrator serialises them
+        (the Airflow DAGs run with ``max_active_runs=1``).
+        """
+        if "://" in self.root:
+            yield
+            return
+        lock_dir = Path(self.root) / "_work" / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with (lock_dir / f"{name}.lock").open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log_event(log, "lock.wait", lock=name, root=self.root)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _existing(self, table: str) -> str:
+        path = self.path(table)
+        if not self.engine.exists(path):
+            raise TableNotFoundError(f"table {table} does not exist under {self.root}")
+        return path
+
+
+def resolve_engine(spark: SparkSession, requested: str) -> TableEngine:
+    """The engine for ``storage.engine``: ``auto`` picks delta-spark when its jars are loaded."""
+    from recsys_spark.storage.delta_rs import DeltaRsEngine
+
+    if requested == "delta-rs":
+        return DeltaRsEngine(spark)
+    loaded = delta_spark_loaded(spark)
+    if requested == "delta-spark" and not loaded:
+        raise EngineUnavailableError(
+            "storage.engine is delta-spark but Delta's jars are not on Spark's classpath; add "
+            "them (spark-submit --packages io.delta:delta-spark_2.13:<version>) or use "
+            "storage.engine=delta-rs"
+        )
+    if loaded:
+        from recsys_spark.storage.delta_spark import DeltaSparkEngine
+
+        return DeltaSparkEngine(spark)
+    return DeltaRsEngine(spark)
+
+
+def open_lakehouse(spark: SparkSession, settings: Settings) -> Lakehouse:
+    """The lakehouse at ``settings.root`` with the configured (or detected) engine."""
+    engine = resolve_engine(spark, settings.storage.engine)
+    if engine.name == "delta-rs" and "://" in settings.root:
+        raise EngineUnavailableError(
+            f"the delta-rs engine commits files through the local filesystem; root "
+            f"{settings.root} needs storage.engine=delta-spark"
+        )
+    log_event(log, "lakehouse.open", root=settings.root, engine=engine.name)
+    return Lakehouse(settings.root, engine)

@@ -1,0 +1,475 @@
+"""Delta tables through the ``deltalake`` (delta-rs) package: the embedded default engine.
+
+Writes stay parallel and bounded: Spark writes the Parquet files (from every executor) into a
+per-write staging folder inside the table folder; the driver moves them into the table's
+partition folders under unique names, reads only their footers, and commits them all as one Delta
+transaction with delta-rs. Until that commit succeeds no reader sees any of them; if it fails
+they are removed, and anything a crash leaves behind is not in the log and is deleted by
+``vacuum`` (full mode).
+
+Reads hand Spark the exact Parquet files of the requested version. That is a correct Delta read
+only while the table has no deletion vectors or column mapping; tables using either are refused
+with ``UnsupportedTableFeatureError`` (delta-rs never writes them; delta-spark writes tables here
+with deletion vectors disabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import CommitFailedError as DeltaCommitFailed
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    Transaction,
+    create_table_with_add_actions,
+)
+
+from recsys_spark.errors import (
+    CommitFailedError,
+    SchemaMismatchError,
+    TableNotFoundError,
+    UnsupportedTableFeatureError,
+)
+from recsys_spark.logs import get_logger, log_event
+from recsys_spark.storage.base import (
+    FILE_LEVEL_UNSAFE_FEATURES,
+    CommitResult,
+    Idempotency,
+    PartitionFilter,
+    TableEngine,
+    WriteMode,
+    merge_predicate,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+log = get_logger("storage.delta_rs")
+
+STAGING_DIR = "_staging"
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+class DeltaRsEngine(TableEngine):
+    """Spark computes and writes Parquet; delta-rs owns the Delta log."""
+
+    name = "delta-rs"
+
+    def __init__(self, spark: SparkSession) -> None:
+        self.spark = spark
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return DeltaTable.is_deltatable(path)
+
+    def version(self, path: str) -> int:
+        return self._open(path).version()
+
+    def transaction_version(self, path: str, app_id: str) -> int | None:
+        return self._open(path).transaction_version(app_id) if self.exists(path) else None
+
+    def history(self, path: str, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._open(path).history(limit)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def read(
+        self, path: str, *, version: int | None = None, timestamp: datetime | None = None
+    ) -> DataFrame:
+        table = self._open(path, version=version)
+        if timestamp is not None:
+            table.load_as_version(timestamp)
+        features = set(table.protocol().reader_features or [])
+        unsafe = features.intersection(FILE_LEVEL_UNSAFE_FEATURES)
+        if unsafe:
+            raise UnsupportedTableFeatureError(
+                f"table {path} uses {', '.join(sorted(unsafe))}; read it with "
+                "storage.engine=delta-spark"
+            )
+        schema = spark_schema(table)
+        files = table.file_uris()
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        # basePath keeps the partition columns, which live in folder names, not in the files.
+        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        return df.select(*schema.fieldNames())
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def write(
+        self,
+        df: DataFrame,
+        path: str,
+        *,
+        mode: WriteMode,
+        partition_by: Sequence[str],
+        partition_filters: Sequence[PartitionFilter] | None,
+        idempotency: Idempotency | None,
+        commit_info: dict[str, str],
+    ) -> CommitResult:
+        existing = self._open(path) if self.exists(path) else None
+        if existing is not None:
+            replayed = _replayed(existing, idempotency)
+            if replayed is not None:
+                return replayed
+            _check_layout(existing, df.schema, partition_by, mode)
+        staging = Path(path) / STAGING_DIR / uuid.uuid4().hex
+        published: list[Path] = []
+        try:
+            df.write.mode("errorifexists").partitionBy(*partition_by).parquet(str(staging))
+            actions = [
+                _publish(Path(path), staging, staged, published)
+                for staged in sorted(staging.rglob("*.parquet"))
+            ]
+            actions = [a for a in actions if a is not None]
+            if partition_filters:
+                _check_within_filters(actions, partition_filters)
+            properties = _commit_properties(idempotency, commit_info)
+            schema = DeltaSchema.from_arrow(_nullable_arrow_schema(df.schema))
+            if existing is None:
+                create_table_with_add_actions(
+                    path,
+                    schema,
+                    actions,
+                    mode="error",
+                    partition_by=list(partition_by) or None,
+                    commit_properties=properties,
+                )
+            elif actions or mode == "overwrite" or idempotency is not None:
+                existing.create_write_transaction(
+                    actions,
+                    mode=mode,
+                    # Appends keep the table's schema; an overwrite may replace it.
+                    schema=existing.schema() if mode == "append" else schema,
+                    partition_by=list(partition_by) or None,
+                    partition_filters=_delta_rs_filters(partition_filters),
+                    commit_properties=properties,
+                )
+        except (DeltaCommitFailed, DeltaError, OSError) as exc:
+            _remove_files(published)
+            raise CommitFailedError(f"writing {path} failed, nothing was committed: {exc}") from exc
+        except BaseException:
+            _remove_files(published)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty_dir(staging.parent)
+        version = DeltaTable(path).version()
+        rows = sum(json.loads(a.stats)["numRecords"] for a in actions)
+        log_event(log, "delta.write", table=path, mode=mode, version=version, rows=rows,
+                  files=len(actions))
+        return CommitResult(version=version, rows_written=rows, files_added=len(actions))
+
+    def upsert(
+        self,
+        df: DataFrame,
+        path: str,
+        *,
+        keys: Sequence[str],
+        update_condition: str | None,
+        idempotency: Idempotency | None,
+        commit_info: dict[str, str],
+    ) -> CommitResult:
+        """MERGE ``df`` into the table on ``keys``.
+
+        The source rows travel to the driver as Arrow (delta-rs merges in-process), so upserts are
+        for incremental batches — new dictionary entries, a micro-batch's users, run records —
+        not for rewriting large tables; use ``write`` for those.
+        """
+        table = self._open(path)
+        replayed = _replayed(table, idempotency)
+        if replayed is not None:
+            return replayed
+        target_schema = table.schema().to_arrow()
+        source = df.toArrow()
+        if source.num_rows == 0:
+            return CommitResult(version=table.version(), rows_written=0)
+        try:
+            source = source.select(target_schema.names).cast(pa.schema(target_schema))
+        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SchemaMismatchError(f"upsert into {path}: {exc}") from exc
+        try:
+            metrics = (
+                table.merge(
+                    source,
+                    predicate=merge_predicate(keys),
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=_commit_properties(idempotency, commit_info),
+                )
+                .when_matched_update_all(predicate=update_condition)
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        except (DeltaCommitFailed, DeltaError) as exc:
+            raise CommitFailedError(f"upsert into {path} failed, nothing was committed: {exc}") from exc
+        rows = int(metrics.get("num_target_rows_inserted", 0)) + int(
+            metrics.get("num_target_rows_updated", 0)
+        )
+        return CommitResult(version=table.version(), rows_written=rows)
+
+    def delete(self, path: str, predicate: str) -> CommitResult:
+        table = self._open(path)
+        metrics = table.delete(predicate)
+        return CommitResult(
+            version=table.version(), rows_deleted=int(metrics.get("num_deleted_rows", 0))
+        )
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    def optimize(self, path: str) -> dict[str, Any]:
+        return dict(self._open(path).optimize.compact())
+
+    def vacuum(self, path: str, retention_hours: float) -> list[str]:
+        table = self._open(path)
+        removed = table.vacuum(
+            retention_hours=math.floor(retention_hours),
+            dry_run=False,
+            enforce_retention_duration=False,
+            full=True,  # also orphans: files a crashed write left behind, never committed
+        )
+        return removed + _remove_stale_staging(Path(path), retention_hours)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _open(self, path: str, *, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(path, version=version)
+        except Exception as exc:  # delta-rs raises TableNotFoundError or a generic DeltaError
+            if not DeltaTable.is_deltatable(path):
+                raise TableNotFoundError(f"no Delta table at {path}") from exc
+            raise
+
+
+def spark_schema(table: DeltaTable) -> StructType:
+    """The table's schema as a Spark ``StructType`` (Delta's schema JSON is Spark's format)."""
+    from pyspark.sql.types import StructType
+
+    return StructType.fromJson(json.loads(table.schema().to_json()))
+
+
+def _replayed(table: DeltaTable, idempotency: Idempotency | None) -> CommitResult | None:
+    if idempotency is None:
+        return None
+    done = table.transaction_version(idempotency.app_id)
+    if done is not None and done >= idempotency.version:
+        log_event(log, "delta.write.skipped", table=table.table_uri, app_id=idempotency.app_id,
+                  txn_version=idempotency.version)
+        return CommitResult(version=table.version(), skipped=True)
+    return None
+
+
+def _commit_properties(
+    idempotency: Idempotency | None, commit_info: dict[str, str]
+) -> CommitProperties:
+    transactions = (
+        [Transaction(app_id=idempotency.app_id, version=idempotency.version)]
+        if idempotency is not None
+        else None
+    )
+    return CommitProperties(custom_metadata=dict(commit_info) or None, app_transactions=transactions)
+
+
+def _check_layout(
+    table: DeltaTable, schema: StructType, partition_by: Sequence[str], mode: WriteMode
+) -> None:
+    current = table.metadata().partition_columns
+    if list(partition_by) != list(current):
+        raise SchemaMismatchError(
+            f"table {table.table_uri} is partitioned by {current}, the write asked for "
+            f"{list(partition_by)}"
+        )
+    if mode != "append":
+        return
+    expected = {f.name: f.dataType for f in spark_schema(table).fields}
+    given = {f.name: f.dataType for f in schema.fields}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(given) if _strip_nullability(expected[n]) != _strip_nullability(given[n]))
+    if missing or extra or wrong:
+        raise SchemaMismatchError(
+            f"append to {table.table_uri}: missing columns {missing}, unexpected columns {extra}, "
+            f"different types {wrong}"
+        )
+
+
+def _strip_nullability(data_type: Any) -> str:
+    """A type's identity without nullability flags, which Spark and Delta track differently."""
+    text = data_type.json()
+    for flag in ('"containsNull":false', '"valueContainsNull":false', '"nullable":false'):
+        text = text.replace(flag, flag.replace("false", "true"))
+    return text
+
+
+def _nullable_arrow_schema(schema: StructType) -> pa.Schema:
+    """Arrow schema of ``schema`` with every field, element and value nullable.
+
+    Spark marks computed columns NOT NULL; carried into the Delta schema that would make a later
+    append with a null fail, so tables are declared nullable throughout.
+    """
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow = to_arrow_schema(schema, timezone="UTC")
+    return pa.schema([_nullable_field(f) for f in arrow])
+
+
+def _nullable_field(field: pa.Field) -> pa.Field:
+    return field.with_type(_nullable_type(field.type)).with_nullable(True)
+
+
+def _nullable_type(data_type: pa.DataType) -> pa.DataType:
+    if pa.types.is_map(data_type):
+        return pa.map_(data_type.key_type, _nullable_field(data_type.item_field).type)
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        return pa.list_(_nullable_field(data_type.value_field))
+    if pa.types.is_struct(data_type):
+        return pa.struct([_nullable_field(data_type.field(i)) for i in range(data_type.num_fields)])
+    return data_type
+
+
+def _publish(table_root: Path, staging: Path, staged: Path, published: list[Path]) -> AddAction | None:
+    """Move one staged file into the table under a unique name and describe it for the log."""
+    relative = staged.relative_to(staging)
+    metadata = pq.ParquetFile(staged).metadata
+    if metadata.num_rows == 0:
+        return None  # Spark writes a schema-only file for an empty unpartitioned frame
+    target = table_root / relative.parent / f"{staging.name[:12]}-{relative.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)
+    published.append(target)
+    stat = target.stat()
+    return AddAction(
+        path=quote(str(target.relative_to(table_root)), safe="/="),
+        size=stat.st_size,
+        partition_values=_partition_values(relative),
+        modification_time=int(stat.st_mtime * 1000),
+        data_change=True,
+        stats=_file_stats(metadata),
+    )
+
+
+def _partition_values(relative: Path) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for folder in relative.parent.parts:
+        key, _, raw = folder.partition("=")
+        # Spark escapes partition folder names with %XX; Delta wants the plain value.
+        values[unquote(key)] = None if raw == _HIVE_NULL else unquote(raw)
+    return values
+
+
+def _file_stats(metadata: pq.FileMetaData) -> str:
+    """Delta file statistics from the Parquet footer: row count, nulls, min/max where safe.
+
+    Only integer, date and timestamp columns get min/max: their footer values are exact (strings
+    may be truncated, floats carry NaN). Timestamps are rounded outward to milliseconds, the
+    precision Delta stores, so a file is never skipped wrongly.
+    """
+    stats: dict[str, Any] = {"numRecords": metadata.num_rows}
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    schema = metadata.schema
+    for col in range(metadata.num_columns):
+        column = schema.column(col)
+        if "." in column.path:
+            continue  # nested leaves: no stats
+        values = [metadata.row_group(rg).column(col).statistics for rg in range(metadata.num_row_groups)]
+        if not values or any(v is None for v in values):
+            continue
+        nulls[column.path] = sum(v.null_count for v in values)
+        bounds = [(v.min, v.max) for v in values if v.has_min_max]
+        if len(bounds) != len(values) or not bounds:
+            continue
+        low = min(b[0] for b in bounds)
+        high = max(b[1] for b in bounds)
+        rendered = _render_bounds(low, high)
+        if rendered is not None:
+            mins[column.path], maxs[column.path] = rendered
+    stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
+    return json.dumps(stats)
+
+
+def _render_bounds(low: Any, high: Any) -> tuple[Any, Any] | None:
+    if isinstance(low, bool):
+        return None
+    if isinstance(low, int):
+        return low, high
+    if isinstance(low, datetime):
+        floor = low.astimezone(UTC).replace(microsecond=low.microsecond // 1000 * 1000)
+        ceil = high.astimezone(UTC)
+        if ceil.microsecond % 1000:
+            ceil = ceil.replace(microsecond=ceil.microsecond // 1000 * 1000) + timedelta(milliseconds=1)
+        return _iso_millis(floor), _iso_millis(ceil)
+    if isinstance(low, date):
+        return low.isoformat(), high.isoformat()
+    return None
+
+
+def _iso_millis(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _check_within_filters(actions: list[AddAction], filters: Sequence[PartitionFilter]) -> None:
+    """An overwrite of selected partitions must not add rows outside those partitions."""
+    for action in actions:
+        for column, op, value in filters:
+            allowed = {str(v) for v in value} if op == "in" else {str(value)}
+            if action.partition_values.get(column) not in allowed:
+                raise ValueError(
+                    f"data has {column}={action.partition_values.get(column)!r}, outside the "
+                    f"partitions being replaced ({sorted(allowed)})"
+                )
+
+
+def _delta_rs_filters(filters: Sequence[PartitionFilter] | None) -> list[tuple[str, str, Any]] | None:
+    if not filters:
+        return None
+    return [
+        (column, op, [str(v) for v in value] if op == "in" else str(value))
+        for column, op, value in filters
+    ]
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: another write is staging concurrently
+
+
+def _remove_stale_staging(table_root: Path, retention_hours: float) -> list[str]:
+    """Staging folders of writes that crashed before their commit, older than the retention."""
+    root = table_root / STAGING_DIR
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - retention_hours * 3600
+    removed = []
+    for folder in root.iterdir():
+        if folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    _remove_empty_dir(root)
+    return removed
