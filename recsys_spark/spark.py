@@ -34,6 +34,8 @@ REQUIRED_CONF: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # Id dictionaries of about a million entries still join by broadcast, not by shuffle.
+    "spark.sql.autoBroadcastJoinThreshold": "64MB",
 }
 
 

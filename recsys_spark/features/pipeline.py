@@ -37,10 +37,11 @@ from recsys_spark.constants import (
     SplitProtocol,
 )
 from recsys_spark.errors import ConfigError, InputDataError
-from recsys_spark.features.aggregates import build_item_features, build_user_features
+from recsys_spark.features.aggregates import build_item_features
 from recsys_spark.features.sequences import (
-    build_histories,
+    build_user_features,
     build_user_sequences,
+    collect_user_events,
     leave_one_out_examples,
     temporal_examples,
 )
@@ -114,6 +115,9 @@ def temporal_cutoffs(
     validation_start = (
         settings.split.validation_start or test_start - span * settings.split.validation_fraction
     )
+    # Whole seconds: the kernels compare event times in seconds.
+    validation_start = validation_start.replace(microsecond=0)
+    test_start = test_start.replace(microsecond=0)
     if not first_event < validation_start < test_start <= as_of:
         raise ConfigError(
             f"temporal split needs first event ({first_event}) < validation_start "
@@ -157,6 +161,8 @@ def build_features(
     if as_of < first_event:
         raise InputDataError(f"as_of {as_of} is before the first event ({first_event})")
     events = events.filter(F.col(EVENT_TS) <= F.lit(as_of))
+    if cfg.as_of is not None:  # items first seen after as_of are not part of its catalogue
+        num_items = int(events.agg(F.max(ITEM_IDX)).first()[0] or -1) + 1
     protocol = resolve_protocol(cfg, lake)
     validation_start = test_start = None
     if protocol == "temporal":
@@ -190,27 +196,35 @@ def build_features(
         report.output_versions[table] = result.version
         report.rows[table] = result.rows_written or 0
 
-    write(
-        build_user_features(events, as_of=as_of, windows_days=cfg.windows_days,
-                            top_categories=cfg.top_categories),
-        GOLD_USER_FEATURES,
-    )
     write(build_item_features(events, as_of=as_of, windows_days=cfg.windows_days), GOLD_ITEM_FEATURES)
-    histories = build_histories(events, collapse_repeats=cfg.collapse_repeats).persist()
-    try:
-        write(build_user_sequences(histories, max_length=cfg.max_sequence_length), GOLD_USER_SEQUENCES)
+    with lake.scratch(f"features/{report.run_id}") as scratch:
+        # The one user-side shuffle, staged once; three vectorised passes read it.
+        with timed(log, "features.collect", run_id=report.run_id):
+            collect_user_events(events).write.mode("overwrite").parquet(scratch)
+        collected = spark.read.parquet(scratch)
+        write(
+            build_user_features(collected, as_of=as_of, windows_days=cfg.windows_days,
+                                top_categories=cfg.top_categories),
+            GOLD_USER_FEATURES,
+        )
+        write(
+            build_user_sequences(collected, max_length=cfg.max_sequence_length,
+                                 collapse_repeats=cfg.collapse_repeats),
+            GOLD_USER_SEQUENCES,
+        )
         if validation_start is not None and test_start is not None:
             examples = temporal_examples(
-                histories,
+                collected,
                 validation_start=validation_start,
                 test_start=test_start,
                 max_length=cfg.max_sequence_length,
+                collapse_repeats=cfg.collapse_repeats,
             )
         else:
-            examples = leave_one_out_examples(histories, max_length=cfg.max_sequence_length)
+            examples = leave_one_out_examples(
+                collected, max_length=cfg.max_sequence_length, collapse_repeats=cfg.collapse_repeats
+            )
         write(examples, GOLD_TRAINING_EXAMPLES, partition_by=(SPLIT,))
-    finally:
-        histories.unpersist()
     report.num_users = report.rows[GOLD_USER_SEQUENCES]
     _record_run(spark, lake, report, cfg)
     log_event(log, "features.done", run_id=report.run_id, rows=report.rows,

@@ -1,8 +1,8 @@
-"""Per-user event sequences and the training examples cut from them.
+"""Per-user tables — user features, sequences, training examples — from one shuffle.
 
-A *history* is one row per user with ``events``: an array of ``(ts, item, behavior)`` structs
-in time order (ties broken by item, then behaviour code, so it is deterministic). Sequences and
-examples are array operations on histories — one shuffle to build them, none after.
+``collect_user_events`` groups each user's events into one row (the only shuffle); the builders
+below run the vectorised kernels of ``features.kernels`` over those rows with ``mapInArrow``,
+so the per-user work is array arithmetic in the Python workers, batched over many users.
 
 Split protocols (``gold/training_examples``, partitioned by ``split``):
 
@@ -11,35 +11,38 @@ Split protocols (``gold/training_examples``, partitioned by ``split``):
   before their target; test histories include the validation item (as the published protocol).
   Users with fewer events contribute a training row only.
 * ``temporal`` — two cut-off times. Training sequences hold events before ``validation_start``;
-  validation targets are the distinct items of ``[validation_start, test_start)`` and test targets
-  those of ``[test_start, as_of]``, each with the history before its window.
+  validation targets are the distinct items of ``[validation_start, test_start)`` and test
+  targets those of ``[test_start, as_of]``, each with the history before its window (possibly
+  empty: a cold user).
 
+Training rows keep ``max_length + 1`` events: a model predicts positions 2..L+1 from 1..L.
 Every example has ``history_end_ts <= target_start_ts``, which the leakage test checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from functools import partial
 
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from recsys_spark.constants import (
     BEHAVIOR,
     BEHAVIOR_CODES,
+    CATEGORY_ID,
     EVENT_TS,
     ITEM_IDX,
-    SPLIT,
-    TEST,
-    TRAIN,
     USER_ID,
     USER_IDX,
-    VALIDATION,
 )
+from recsys_spark.features import kernels
 
 EVENTS = "events"
-MIN_EVENTS_FOR_LOO = 3
-
+Kernel = Callable[[kernels.UserEvents], "pa.RecordBatch | pa.Table"]
 
 
 def behavior_code(col_behavior: str = BEHAVIOR) -> Column:
@@ -50,165 +53,79 @@ def behavior_code(col_behavior: str = BEHAVIOR) -> Column:
     return expr
 
 
-def build_histories(events: DataFrame, *, collapse_repeats: bool) -> DataFrame:
-    """One row per user: ``user_idx``, ``user_id``, ``events`` sorted by time.
-
-    With ``collapse_repeats`` consecutive events on the same item keep only the first, so a run
-    of page views of one item counts once (the target of a next-item task must be a new item).
-    """
+def collect_user_events(events: DataFrame) -> DataFrame:
+    """One row per user: ``user_idx``, ``user_id``, ``events`` (unordered; kernels sort)."""
     entry = F.struct(
-        F.col(EVENT_TS).alias("ts"),
+        F.unix_seconds(EVENT_TS).alias("ts"),
         F.col(ITEM_IDX).alias("item"),
         behavior_code().alias("behavior"),
+        F.coalesce(F.col(CATEGORY_ID), F.lit(kernels.NO_CATEGORY)).alias("category"),
     )
-    histories = events.groupBy(USER_IDX, USER_ID).agg(F.sort_array(F.collect_list(entry)).alias(EVENTS))
-    if collapse_repeats:
-        histories = histories.withColumn(
-            EVENTS,
-            F.filter(
-                EVENTS,
-                lambda x, i: (i == 0) | (x["item"] != F.try_element_at(F.col(EVENTS), i)["item"]),
-            ),
-        )
-    return histories
+    return events.groupBy(USER_IDX, USER_ID).agg(F.collect_list(entry).alias(EVENTS))
 
 
-def last_n(array: Column, n: int) -> Column:
-    """The last ``n`` elements of ``array`` (all of it when shorter)."""
-    return F.slice(array, F.greatest(F.size(array) - n + 1, F.lit(1)), n)
+def _run(kernel: Kernel, collapse: bool, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        events = kernels.from_arrow(batch)
+        if collapse:
+            events = kernels.collapse_repeats(events)
+        result = kernel(events)
+        yield from result.to_batches() if isinstance(result, pa.Table) else [result]
 
 
-def _flatten(history: str, prefix: str) -> list[Column]:
-    """Items, behaviour codes, gaps (seconds since the previous event, 0 first) and end time of
-    the events array in column ``history``.
+def _map_users(collected: DataFrame, kernel: Kernel, schema: pa.Schema, *, collapse: bool) -> DataFrame:
+    return collected.mapInArrow(partial(_run, kernel, collapse), from_arrow_schema(schema))
 
-    ``history`` must be a column, not an expression: lambdas below index into it per element,
-    and an expression would be re-evaluated for every element.
+
+def build_user_features(
+    collected: DataFrame, *, as_of: datetime, windows_days: Sequence[int], top_categories: int
+) -> DataFrame:
+    """``gold/user_features``: one row per user.
+
+    Columns: user_idx, user_id, ``<behavior>_<w>d`` (events in the ``w`` days up to as_of) and
+    ``<behavior>_total`` counts, total_events, last_event_ts, recency_seconds,
+    distinct_categories, view_to_buy_rate (buys per page view, null without views),
+    top_categories (most frequent category ids, ties to the smaller id).
     """
-    h = F.col(history)
-    gaps = F.transform(
-        h,
-        lambda x, i: F.when(i == 0, F.lit(0))
-        .otherwise(F.unix_seconds(x["ts"]) - F.unix_seconds(F.try_element_at(h, i)["ts"]))
-        .cast("int"),
+    kernel = partial(
+        kernels.user_features,
+        as_of=int(as_of.timestamp()),
+        windows_days=list(windows_days),
+        top_categories=top_categories,
     )
-    return [
-        F.transform(h, lambda x: x["item"]).alias(f"{prefix}_items"),
-        F.transform(h, lambda x: x["behavior"]).alias(f"{prefix}_behaviors"),
-        gaps.alias(f"{prefix}_gaps"),
-        F.try_element_at(h, F.lit(-1))["ts"].alias(f"{prefix}_end_ts"),
-    ]
+    return _map_users(collected, kernel, kernels.user_features_schema(windows_days), collapse=False)
 
 
-def build_user_sequences(histories: DataFrame, *, max_length: int) -> DataFrame:
+def build_user_sequences(collected: DataFrame, *, max_length: int, collapse_repeats: bool) -> DataFrame:
     """``gold/user_sequences``: each user's most recent ``max_length`` events (model input).
 
-    Columns: user_idx, user_id, items, behaviors, gaps, last_event_ts, length.
+    Columns: user_idx, user_id, items, behaviors (codes), gaps (seconds since the previous
+    event, 0 first), last_event_ts, length. With ``collapse_repeats`` consecutive events on one
+    item count once.
     """
-    recent = histories.select(USER_IDX, USER_ID, last_n(F.col(EVENTS), max_length).alias("_recent"))
-    items, behaviors, gaps, end = _flatten("_recent", "seq")
-    return recent.select(
-        USER_IDX,
-        USER_ID,
-        items.alias("items"),
-        behaviors.alias("behaviors"),
-        gaps.alias("gaps"),
-        end.alias("last_event_ts"),
-        F.size("_recent").alias("length"),
-    )
+    kernel = partial(kernels.user_sequences, max_length=max_length)
+    return _map_users(collected, kernel, kernels.USER_SEQUENCES_SCHEMA, collapse=collapse_repeats)
 
 
-def _example(history: Column, targets: Column, target_start: Column, split: str) -> Column:
-    return F.struct(
-        history.alias("_history"),
-        targets.cast("array<int>").alias("targets"),
-        target_start.cast("timestamp").alias("target_start_ts"),
-        F.lit(split).alias(SPLIT),
-    )
-
-
-def _explode_examples(histories: DataFrame, examples: list[Column]) -> DataFrame:
-    rows = (
-        histories.select(USER_IDX, USER_ID, F.explode(F.array(*examples)).alias("_x"))
-        .filter(F.col("_x").isNotNull())
-        .select(USER_IDX, USER_ID, "_x.*")
-    )
-    return rows.select(
-        USER_IDX, USER_ID, *_flatten("_history", "history"), "targets", "target_start_ts", SPLIT
-    )
-
-
-def leave_one_out_examples(histories: DataFrame, *, max_length: int) -> DataFrame:
-    """Training/validation/test rows by the leave-one-out protocol (see module docstring).
-
-    Training rows keep ``max_length + 1`` events: the model predicts positions 2..L+1 from
-    positions 1..L of the same sequence.
-    """
-    h = F.col(EVENTS)
-    n = F.size(h)
-    no_targets = F.array()
-    evaluable = n >= MIN_EVENTS_FOR_LOO
-    train_events = F.when(evaluable, F.slice(h, 1, n - 2)).otherwise(h)
-    val_target = F.try_element_at(h, F.lit(-2))
-    test_target = F.try_element_at(h, F.lit(-1))
-    examples = [
-        _example(last_n(train_events, max_length + 1), no_targets, F.lit(None), TRAIN),
-        F.when(
-            evaluable,
-            _example(
-                last_n(F.slice(h, 1, n - 2), max_length),
-                F.array(val_target["item"]),
-                val_target["ts"],
-                VALIDATION,
-            ),
-        ),
-        F.when(
-            evaluable,
-            _example(
-                last_n(F.slice(h, 1, n - 1), max_length),
-                F.array(test_target["item"]),
-                test_target["ts"],
-                TEST,
-            ),
-        ),
-    ]
-    return _explode_examples(histories, examples)
+def leave_one_out_examples(collected: DataFrame, *, max_length: int, collapse_repeats: bool) -> DataFrame:
+    """Training/validation/test rows by the leave-one-out protocol (module docstring)."""
+    kernel = partial(kernels.leave_one_out, max_length=max_length)
+    return _map_users(collected, kernel, kernels.EXAMPLES_SCHEMA, collapse=collapse_repeats)
 
 
 def temporal_examples(
-    histories: DataFrame,
+    collected: DataFrame,
     *,
     validation_start: datetime,
     test_start: datetime,
     max_length: int,
+    collapse_repeats: bool,
 ) -> DataFrame:
-    """Training/validation/test rows by the temporal protocol (see module docstring)."""
-    h = F.col(EVENTS)
-    val_start = F.lit(validation_start).cast("timestamp")
-    tst_start = F.lit(test_start).cast("timestamp")
-    before_val = F.filter(h, lambda x: x["ts"] < val_start)
-    before_test = F.filter(h, lambda x: x["ts"] < tst_start)
-    in_val = F.filter(h, lambda x: (x["ts"] >= val_start) & (x["ts"] < tst_start))
-    in_test = F.filter(h, lambda x: x["ts"] >= tst_start)
-
-    def window_example(history: Column, window: Column, split: str) -> Column:
-        targets = F.array_distinct(F.transform(window, lambda x: x["item"]))
-        return F.when(
-            F.size(window) > 0,
-            _example(last_n(history, max_length), targets, F.try_element_at(window, F.lit(1))["ts"], split),
-        )
-
-    examples = [
-        F.when(
-            F.size(before_val) > 0,
-            _example(
-                last_n(before_val, max_length + 1),
-                F.array(),
-                F.lit(None),
-                TRAIN,
-            ),
-        ),
-        window_example(before_val, in_val, VALIDATION),
-        window_example(before_test, in_test, TEST),
-    ]
-    return _explode_examples(histories, examples)
+    """Training/validation/test rows by the temporal protocol (module docstring)."""
+    kernel = partial(
+        kernels.temporal,
+        validation_start=int(validation_start.timestamp()),
+        test_start=int(test_start.timestamp()),
+        max_length=max_length,
+    )
+    return _map_users(collected, kernel, kernels.EXAMPLES_SCHEMA, collapse=collapse_repeats)

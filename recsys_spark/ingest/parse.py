@@ -93,14 +93,25 @@ class _Check:
     detail: Column
 
 
-def _first_failure(checks: Sequence[_Check]) -> tuple[Column, Column]:
-    """CASE expressions giving the first failing check's reason and detail (null when none)."""
-    reason = F.when(checks[0].failed, F.lit(checks[0].reason))
-    detail = F.when(checks[0].failed, checks[0].detail)
-    for check in checks[1:]:
-        reason = reason.when(check.failed, F.lit(check.reason))
-        detail = detail.when(check.failed, check.detail)
-    return reason, detail
+def _finish(df: DataFrame, checks: Sequence[_Check]) -> DataFrame:
+    """Add ``reason`` and ``detail`` of the first failing check (null for a good row).
+
+    The checks are evaluated once, into the index of the first failure; the reason is looked up
+    by index and the detail (string building) is computed for failed rows only.
+    """
+    first = F.when(checks[0].failed, F.lit(0))
+    for i, check in enumerate(checks[1:], start=1):
+        first = first.when(check.failed, F.lit(i))
+    reasons = F.array(*[F.lit(c.reason) for c in checks])
+    detail = F.when(F.col("_failed") == 0, checks[0].detail)
+    for i, check in enumerate(checks[1:], start=1):
+        detail = detail.when(F.col("_failed") == i, check.detail)
+    return (
+        df.withColumn("_failed", first)
+        .withColumn(REASON, F.try_element_at(reasons, F.col("_failed") + 1))
+        .withColumn(DETAIL, detail)
+        .select(*PARSED_COLUMNS)
+    )
 
 
 def _is_id(value: Column) -> Column:
@@ -117,11 +128,6 @@ def _out_of_range(ts: Column, rules: ValidationRules) -> Column:
 
 def _describe(name: str, value: Column) -> Column:
     return F.concat(F.lit(f"{name}="), F.coalesce(value, F.lit("<null>")))
-
-
-def _finish(df: DataFrame, checks: Sequence[_Check]) -> DataFrame:
-    reason, detail = _first_failure(checks)
-    return df.withColumn(REASON, reason).withColumn(DETAIL, detail).select(*PARSED_COLUMNS)
 
 
 def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
@@ -143,14 +149,17 @@ def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         ts_text.alias("_ts"),
         F.size(fields).alias("_n"),
     )
-    ts = F.timestamp_seconds(F.col("_ts").try_cast("bigint"))
+    # Unix seconds only; 12 digits reach year 33658, so milliseconds are rejected, not misread.
+    ts = F.when(
+        F.col("_ts").rlike(r"^[0-9]{1,12}$"), F.timestamp_seconds(F.col("_ts").try_cast("bigint"))
+    )
     df = df.select(
         "*",
         F.col("_user").try_cast("bigint").alias(USER_ID),
         F.col("_item").try_cast("bigint").alias(ITEM_ID),
         F.col("_category").try_cast("bigint").alias(CATEGORY_ID),
         ts.alias(EVENT_TS),
-        F.create_map().cast("map<string,string>").alias(EXTRAS),
+        F.lit(None).cast("map<string,string>").alias(EXTRAS),
     )
     blank = [
         ("user_id", "_user"),
@@ -174,11 +183,7 @@ def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
             ]
         ),
         _behavior_check(),
-        _Check(
-            ~F.coalesce(F.col("_ts").rlike(r"^[0-9]{1,12}$"), F.lit(False)),
-            INVALID_TIMESTAMP,
-            _describe("timestamp", F.col("_ts")),
-        ),
+        _Check(F.col(EVENT_TS).isNull(), INVALID_TIMESTAMP, _describe("timestamp", F.col("_ts"))),
         _range_check(rules),
     ]
     return _finish(df, checks)
@@ -256,7 +261,7 @@ def parse_sequences(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         F.lit(None).cast("bigint").alias(CATEGORY_ID),
         F.lit("buy").alias(BEHAVIOR),
         (base + step).alias(EVENT_TS),
-        F.create_map().cast("map<string,string>").alias(EXTRAS),
+        F.lit(None).cast("map<string,string>").alias(EXTRAS),
     )
     checks = [
         _Check(

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from functools import reduce
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from recsys_spark.config import Settings
 from recsys_spark.constants import (
     BRONZE_EVENTS_RAW,
+    DETAIL,
     EVENT_KEY,
     EVENT_TS,
     INGEST_DATE,
@@ -48,10 +50,12 @@ from recsys_spark.errors import InputDataError
 from recsys_spark.ingest.parse import ValidationRules, parse_lines
 from recsys_spark.ingest.sources import InputFile, discover_inputs
 from recsys_spark.ingest.transforms import (
+    TIEBREAK,
     bronze_rows,
     drop_known,
     event_key,
     first_occurrences,
+    repeated_key_hashes,
     new_index_entries,
     quarantine_rows,
     silver_rows,
@@ -61,7 +65,7 @@ from recsys_spark.logs import get_logger, log_event, timed
 from recsys_spark.storage import Idempotency, Lakehouse
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
 log = get_logger("ingest")
 
@@ -212,58 +216,53 @@ def _ingest_files(
 ) -> IngestReport:
     once = Idempotency(app_id=run_id, version=1)
     raw = read_lines(spark, [f.path for f in files])
-    parsed = parse_lines(raw, fmt, validation_rules(settings, started))
-
-    with timed(log, "ingest.validate", run_id=run_id) as out:
+    with lake.scratch(f"ingest/{run_id}") as scratch:
+        # Parse once into scratch Parquet: every later pass (counts, quarantine, duplicates,
+        # dictionaries, silver) reads typed columns from it instead of re-parsing the text.
+        # Cheaper than Spark's in-memory cache, whose columnar build costs more than the parse.
+        with timed(log, "ingest.parse", run_id=run_id):
+            staged_parse(raw, fmt, validation_rules(settings, started)).write.mode("overwrite").parquet(scratch)
+        parsed = spark.read.parquet(scratch)
         summary = _summarize(parsed)
-        out.update(valid=summary.valid, quarantined=summary.reasons)
-    if summary.valid == 0:
-        reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
-        raise InputDataError(
-            f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); "
-            "check --format"
-        )
-    versions: dict[str, int] = {}
-    with timed(log, "ingest.bronze", run_id=run_id):
-        bronze = lake.write(
-            bronze_rows(raw, run_id, started), BRONZE_EVENTS_RAW, partition_by=[INGEST_DATE],
-            idempotency=once,
-        )
-        versions[BRONZE_EVENTS_RAW] = bronze.version
-    with timed(log, "ingest.quarantine", run_id=run_id):
-        versions[QUARANTINE_EVENTS] = lake.write(
-            quarantine_rows(parsed, run_id, started), QUARANTINE_EVENTS,
-            partition_by=[INGEST_DATE], idempotency=once,
-        ).version
-
-    valid = parsed.filter(F.col(REASON).isNull()).withColumn(EVENT_KEY, event_key())
-    known = None
-    if lake.exists(SILVER_EVENTS):
-        # Only the dates this input covers can hold its duplicates (partition pruning). Rows
-        # this same run committed before a crash are not "already known": they are ours.
-        known = (
-            lake.read(SILVER_EVENTS)
-            .filter(F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date))
-            .filter(F.col(RUN_ID) != run_id)
-            .select(EVENT_KEY)
-        )
-    clean = drop_known(first_occurrences(valid), known).persist()
-    try:
-        with timed(log, "ingest.dictionaries", run_id=run_id) as out:
-            user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
-            item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
+        log_event(log, "ingest.validated", run_id=run_id, valid=summary.valid,
+                  quarantined=summary.reasons)
+        if summary.valid == 0:
+            reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
+            raise InputDataError(
+                f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); "
+                "check --format"
+            )
+        versions: dict[str, int] = {}
+        with timed(log, "ingest.bronze", run_id=run_id):
+            bronze = lake.write(
+                bronze_rows(raw, run_id, started), BRONZE_EVENTS_RAW,
+                partition_by=[INGEST_DATE], idempotency=once,
+            )
+            versions[BRONZE_EVENTS_RAW] = bronze.version
+        with timed(log, "ingest.quarantine", run_id=run_id):
+            versions[QUARANTINE_EVENTS] = lake.write(
+                quarantine_rows(parsed, run_id, started), QUARANTINE_EVENTS,
+                partition_by=[INGEST_DATE], idempotency=once,
+            ).version
+        valid = parsed.filter(F.col(REASON).isNull()).drop(RAW, REASON, DETAIL)
+        repeated = repeated_key_hashes(valid).persist()  # small: duplicates are rare
+        try:
+            clean = drop_known(first_occurrences(valid, repeated), _known_keys(lake, summary, run_id))
+            with timed(log, "ingest.dictionaries", run_id=run_id) as out:
+                user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
+                item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
+                out.update(new_users=new_users, new_items=new_items)
             versions[SILVER_USER_INDEX] = lake.version(SILVER_USER_INDEX)
             versions[SILVER_ITEM_INDEX] = lake.version(SILVER_ITEM_INDEX)
-            out.update(new_users=new_users, new_items=new_items)
-        with timed(log, "ingest.silver", run_id=run_id):
-            result = lake.write(
-                silver_rows(with_indices(clean, user_index, item_index), run_id),
-                SILVER_EVENTS,
-                partition_by=[EVENT_DATE],
-                idempotency=once,
-            )
-    finally:
-        clean.unpersist()
+            with timed(log, "ingest.silver", run_id=run_id):
+                result = lake.write(
+                    silver_rows(with_indices(clean, user_index, item_index), run_id),
+                    SILVER_EVENTS,
+                    partition_by=[EVENT_DATE],
+                    idempotency=once,
+                )
+        finally:
+            repeated.unpersist()
     versions[SILVER_EVENTS] = result.version
     rows_clean = result.rows_written
     if rows_clean is None:  # committed by an earlier attempt of this run
@@ -291,11 +290,43 @@ def _ingest_files(
     )
 
 
-def read_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
-    """Raw lines with the path of the file they came from."""
-    return spark.read.text(paths).select(
-        F.col("value").alias(RAW), F.col("_metadata.file_path").alias(SOURCE_FILE)
+def staged_parse(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> DataFrame:
+    """Parsed rows as staged for the later passes: typed fields, reason, the event key and a
+    tie-break hash of the raw line; the raw text itself only where it will be quarantined."""
+    parsed = parse_lines(raw, fmt, rules)
+    return parsed.select(
+        *[c for c in parsed.columns if c != RAW],
+        F.when(F.col(REASON).isNotNull(), F.col(RAW)).alias(RAW),
+        event_key().alias(EVENT_KEY),
+        F.xxhash64(RAW).alias(TIEBREAK),
     )
+
+
+def _known_keys(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataFrame | None:
+    """Keys of silver events that may repeat this input's events."""
+    if not lake.exists(SILVER_EVENTS):
+        return None
+    # Only the dates this input covers can hold its duplicates (partition pruning). Rows this
+    # same run committed before a crash are not "already known": they are ours.
+    return (
+        lake.read(SILVER_EVENTS)
+        .filter(F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date))
+        .filter(F.col(RUN_ID) != run_id)
+        .select(EVENT_KEY)
+    )
+
+
+def read_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """Raw lines with the path of the file they came from.
+
+    One read per file with the path as a literal: much cheaper than Spark's per-row
+    ``_metadata.file_path`` string.
+    """
+    reads = [
+        spark.read.text(path).select(F.col("value").alias(RAW), F.lit(path).alias(SOURCE_FILE))
+        for path in paths
+    ]
+    return reduce(DataFrame.unionByName, reads)
 
 
 def _summarize(parsed: DataFrame) -> _ParseSummary:
@@ -310,14 +341,10 @@ def _summarize(parsed: DataFrame) -> _ParseSummary:
     )
     valid = [r for r in rows if r[REASON] is None]
     return _ParseSummary(
-        {(_local_path(r[SOURCE_FILE]), r[REASON]): int(r["n"]) for r in rows},
+        {(r[SOURCE_FILE], r[REASON]): int(r["n"]) for r in rows},
         first_valid_date=min((r["lo"] for r in valid), default=None),
         last_valid_date=max((r["hi"] for r in valid), default=None),
     )
-
-
-def _local_path(uri: str) -> str:
-    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
 
 
 def _extend_index(

@@ -28,6 +28,10 @@ from recsys_spark.constants import (
     USER_IDX,
 )
 
+# Ranks rows that share an event key; a hash of the raw line, so the raw text can be dropped
+# before the shuffle.
+TIEBREAK = "_tiebreak"
+
 SILVER_EVENT_COLUMNS: tuple[str, ...] = (
     EVENT_KEY,
     EVENT_ID,
@@ -62,16 +66,41 @@ def event_key(
     return F.coalesce(F.concat(F.lit("e:"), F.col(col_event_id)), natural)
 
 
-def first_occurrences(events: DataFrame, *, col_key: str = EVENT_KEY) -> DataFrame:
-    """One row per key. Exact duplicates are identical; among key duplicates with different
-    payloads the row whose raw text sorts first wins, so reruns keep the same row.
+def repeated_key_hashes(events: DataFrame, *, col_key: str = EVENT_KEY) -> DataFrame:
+    """64-bit hashes of the keys that occur more than once (column ``_key_hash``).
+
+    Duplicates are rare, so rather than sorting every event by its key, one hash aggregation
+    finds the few repeated hashes; ``first_occurrences`` ranks only rows carrying one of them.
     """
-    order = Window.partitionBy(col_key).orderBy(F.col(SOURCE_FILE), F.col(RAW))
     return (
-        events.withColumn("_occurrence", F.row_number().over(order))
+        events.groupBy(F.xxhash64(col_key).alias("_key_hash"))
+        .count()
+        .filter(F.col("count") > 1)
+        .select("_key_hash")
+    )
+
+
+def first_occurrences(
+    events: DataFrame,
+    repeated: DataFrame,
+    *,
+    col_key: str = EVENT_KEY,
+    col_tiebreak: str = TIEBREAK,
+) -> DataFrame:
+    """One row per key, given ``repeated_key_hashes(events)``. Among rows sharing a key the
+    smallest ``col_tiebreak`` (a hash of the raw line) wins, so a rerun keeps the same row;
+    ranking by the key itself also resolves hash collisions.
+    """
+    hashed = events.withColumn("_key_hash", F.xxhash64(col_key))
+    unique = hashed.join(repeated, "_key_hash", "left_anti")
+    order = Window.partitionBy(col_key).orderBy(F.col(col_tiebreak), F.col(SOURCE_FILE))
+    winners = (
+        hashed.join(repeated, "_key_hash", "left_semi")
+        .withColumn("_occurrence", F.row_number().over(order))
         .filter(F.col("_occurrence") == 1)
         .drop("_occurrence")
     )
+    return unique.unionByName(winners).drop("_key_hash")
 
 
 def drop_known(events: DataFrame, known_keys: DataFrame | None, *, col_key: str = EVENT_KEY) -> DataFrame:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,11 +226,31 @@ class Lakehouse:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[str]:
+        """A scratch folder ``<root>/_work/<name>`` for intermediate data, removed afterwards
+        (also on failure). Not a table: nothing in it is ever visible to readers."""
+        path = f"{self.root}/_work/{name}"
+        _delete_tree(self.engine.spark, path)  # a crashed attempt may have left it behind
+        try:
+            yield path
+        finally:
+            _delete_tree(self.engine.spark, path)
+
     def _existing(self, table: str) -> str:
         path = self.path(table)
         if not self.engine.exists(path):
             raise TableNotFoundError(f"table {table} does not exist under {self.root}")
         return path
+
+
+def _delete_tree(spark: SparkSession, path: str) -> None:
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    jvm = spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem API through py4j
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)  # noqa: SLF001
 
 
 def resolve_engine(spark: SparkSession, requested: str) -> TableEngine:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
 WriteMode = Literal["append", "overwrite"]
 # One conjunct of a partition selection: (column, "=" | "in", value or values).
@@ -54,6 +54,7 @@ class TableEngine(ABC):
     """Delta operations on one table path. ``Lakehouse`` maps table names to paths."""
 
     name: str
+    spark: SparkSession
 
     @abstractmethod
     def exists(self, path: str) -> bool: ...

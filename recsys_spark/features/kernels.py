@@ -1,0 +1,376 @@
+"""Vectorised per-user derivations over Arrow batches: no Spark here, only NumPy and pyarrow.
+
+Spark groups each user's events into one row (a single shuffle); these kernels then turn a
+batch of such rows into user features, sequences and training examples with array arithmetic
+over all users of the batch at once — no per-user Python loop, no interpreted SQL lambdas.
+
+A batch is flattened into ``UserEvents``: per-user ``offsets`` into flat arrays sorted by
+(user, time, item, behaviour). Shapes use U for users and N for events in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from recsys_spark.constants import BEHAVIORS, SPLIT, TEST, TRAIN, USER_ID, USER_IDX, VALIDATION
+
+DAY_SECONDS = 86_400
+NO_CATEGORY = -1
+MIN_EVENTS_FOR_LOO = 3
+
+# Struct fields of one collected event (see ``sequences.collect_user_events``).
+EVENT_FIELDS = ("ts", "item", "behavior", "category")
+
+
+@dataclass(frozen=True)
+class UserEvents:
+    """Events of U users, flat and sorted; user u owns ``[offsets[u], offsets[u+1])``."""
+
+    user_idx: np.ndarray  # (U,) int32
+    user_id: np.ndarray  # (U,) int64
+    offsets: np.ndarray  # (U+1,) int64
+    ts: np.ndarray  # (N,) int64 Unix seconds
+    item: np.ndarray  # (N,) int32
+    behavior: np.ndarray  # (N,) int8, codes of BEHAVIOR_CODES
+    category: np.ndarray  # (N,) int64, NO_CATEGORY when unknown
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def owner(self) -> np.ndarray:
+        """(N,) the batch position of each event's user."""
+        return np.repeat(np.arange(self.n_users), self.lengths)
+
+
+def from_arrow(batch: pa.RecordBatch) -> UserEvents:
+    """Flatten a batch of ``(user_idx, user_id, events: list<struct>)`` rows and sort it."""
+    events = batch.column("events")
+    offsets = events.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    flat = events.flatten()
+    columns = {name: flat.field(name).to_numpy(zero_copy_only=False) for name in EVENT_FIELDS}
+    owner = np.repeat(np.arange(len(batch)), np.diff(offsets))
+    order = np.lexsort((columns["behavior"], columns["item"], columns["ts"], owner))
+    return UserEvents(
+        user_idx=batch.column(USER_IDX).to_numpy(zero_copy_only=False),
+        user_id=batch.column(USER_ID).to_numpy(zero_copy_only=False),
+        offsets=offsets,
+        ts=columns["ts"][order].astype(np.int64),
+        item=columns["item"][order].astype(np.int32),
+        behavior=columns["behavior"][order].astype(np.int8),
+        category=columns["category"][order].astype(np.int64),
+    )
+
+
+def collapse_repeats(events: UserEvents) -> UserEvents:
+    """Keep the first of consecutive events on the same item (a run of views is one step)."""
+    keep = np.zeros(len(events.ts), dtype=bool)
+    keep[events.offsets[:-1][events.lengths > 0]] = True
+    keep[1:] |= events.item[1:] != events.item[:-1]
+    kept_per_user = np.bincount(events.owner[keep], minlength=events.n_users)
+    return UserEvents(
+        user_idx=events.user_idx,
+        user_id=events.user_id,
+        offsets=np.concatenate([[0], np.cumsum(kept_per_user)]).astype(np.int64),
+        ts=events.ts[keep],
+        item=events.item[keep],
+        behavior=events.behavior[keep],
+        category=events.category[keep],
+    )
+
+
+# --- user features -------------------------------------------------------------------------------
+
+
+def user_feature_names(windows_days: Sequence[int]) -> list[str]:
+    """Count columns in output order: ``<behavior>_<w>d`` per window, then ``<behavior>_total``."""
+    names = []
+    for behavior in BEHAVIORS:
+        names += [f"{behavior}_{w}d" for w in windows_days] + [f"{behavior}_total"]
+    return names
+
+
+def user_features_schema(windows_days: Sequence[int]) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field(USER_IDX, pa.int32()),
+            pa.field(USER_ID, pa.int64()),
+            *[pa.field(name, pa.int64()) for name in user_feature_names(windows_days)],
+            pa.field("total_events", pa.int64()),
+            pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
+            pa.field("recency_seconds", pa.int64()),
+            pa.field("distinct_categories", pa.int64()),
+            pa.field("view_to_buy_rate", pa.float64()),
+            pa.field("top_categories", pa.list_(pa.int64())),
+        ]
+    )
+
+
+def user_features(
+    events: UserEvents, *, as_of: int, windows_days: Sequence[int], top_categories: int
+) -> pa.RecordBatch:
+    """Windowed counts per behaviour, recency, category breadth and tastes (see
+    ``features.aggregates`` for the column meanings)."""
+    n = events.n_users
+    owner = events.owner
+    age = as_of - events.ts
+    columns: list[pa.Array] = []
+    totals = {}
+    for code, behavior in enumerate(BEHAVIORS, start=1):
+        is_behavior = events.behavior == code
+        for days in windows_days:
+            hit = is_behavior & (age < days * DAY_SECONDS)
+            columns.append(pa.array(np.bincount(owner[hit], minlength=n)))
+        totals[behavior] = np.bincount(owner[is_behavior], minlength=n)
+        columns.append(pa.array(totals[behavior]))
+    last = events.ts[events.offsets[1:] - 1]
+    views = totals["pv"]
+    rate = np.divide(totals["buy"], views, out=np.zeros(n), where=views > 0)
+    distinct, top = _category_tastes(events, owner, top_categories)
+    arrays = [
+        pa.array(events.user_idx, pa.int32()),
+        pa.array(events.user_id, pa.int64()),
+        *columns,
+        pa.array(events.lengths),
+        _timestamps(last),
+        pa.array(as_of - last),
+        pa.array(distinct),
+        pa.array(rate, mask=views == 0),
+        top,
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=user_features_schema(windows_days))
+
+
+def _category_tastes(events: UserEvents, owner: np.ndarray, k: int) -> tuple[np.ndarray, pa.Array]:
+    """Distinct categories per user and the ``k`` most frequent (ties: smaller id first)."""
+    known = events.category != NO_CATEGORY
+    users, cats = owner[known], events.category[known]
+    order = np.lexsort((cats, users))
+    users, cats = users[order], cats[order]
+    starts = np.flatnonzero(_changes(users, cats))
+    counts = np.diff(np.r_[starts, len(users)])
+    pair_user, pair_cat = users[starts], cats[starts]
+    distinct = np.bincount(pair_user, minlength=events.n_users)
+    ranked = np.lexsort((pair_cat, -counts, pair_user))
+    pair_user, pair_cat = pair_user[ranked], pair_cat[ranked]
+    group_start = np.searchsorted(pair_user, pair_user, side="left")
+    rank = np.arange(len(pair_user)) - group_start
+    chosen = rank < k
+    lengths = np.bincount(pair_user[chosen], minlength=events.n_users)
+    return distinct, _lists(lengths, pair_cat[chosen], pa.int64())
+
+
+# --- sequences and examples ----------------------------------------------------------------------
+
+
+def sequence_fields(prefix: str) -> list[pa.Field]:
+    return [
+        pa.field(f"{prefix}_items", pa.list_(pa.int32())),
+        pa.field(f"{prefix}_behaviors", pa.list_(pa.int8())),
+        pa.field(f"{prefix}_gaps", pa.list_(pa.int32())),
+        pa.field(f"{prefix}_end_ts", pa.timestamp("us", tz="UTC")),
+    ]
+
+
+USER_SEQUENCES_SCHEMA = pa.schema(
+    [
+        pa.field(USER_IDX, pa.int32()),
+        pa.field(USER_ID, pa.int64()),
+        pa.field("items", pa.list_(pa.int32())),
+        pa.field("behaviors", pa.list_(pa.int8())),
+        pa.field("gaps", pa.list_(pa.int32())),
+        pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
+        pa.field("length", pa.int32()),
+    ]
+)
+
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field(USER_IDX, pa.int32()),
+        pa.field(USER_ID, pa.int64()),
+        *sequence_fields("history"),
+        pa.field("targets", pa.list_(pa.int32())),
+        pa.field("target_start_ts", pa.timestamp("us", tz="UTC")),
+        pa.field(SPLIT, pa.string()),
+    ]
+)
+
+
+def user_sequences(events: UserEvents, *, max_length: int) -> pa.RecordBatch:
+    """Each user's most recent ``max_length`` events: items, behaviour codes, gaps in seconds
+    (0 for the first kept event) and the time of the last one."""
+    ends = events.offsets[1:]
+    starts = np.maximum(events.offsets[:-1], ends - max_length)
+    items, behaviors, gaps, end_ts = _windows(events, starts, ends)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(events.user_idx, pa.int32()),
+            pa.array(events.user_id, pa.int64()),
+            items,
+            behaviors,
+            gaps,
+            end_ts,
+            pa.array((ends - starts).astype(np.int32)),
+        ],
+        schema=USER_SEQUENCES_SCHEMA,
+    )
+
+
+def leave_one_out(events: UserEvents, *, max_length: int) -> pa.Table:
+    """Leave-one-out rows (see ``features.sequences``): train, and for users with at least
+    ``MIN_EVENTS_FOR_LOO`` events, validation (second-to-last) and test (last)."""
+    begin, end = events.offsets[:-1], events.offsets[1:]
+    evaluable = (end - begin) >= MIN_EVENTS_FOR_LOO
+    users = np.arange(events.n_users)
+    train_end = np.where(evaluable, end - 2, end)
+    ev = users[evaluable]
+    rows = [
+        _Rows(users, begin, train_end, max_length + 1, None, TRAIN),
+        _Rows(ev, begin[ev], end[ev] - 2, max_length, end[ev] - 2, VALIDATION),
+        _Rows(ev, begin[ev], end[ev] - 1, max_length, end[ev] - 1, TEST),
+    ]
+    return _examples(events, rows, single_targets=True)
+
+
+def temporal(
+    events: UserEvents, *, validation_start: int, test_start: int, max_length: int
+) -> pa.Table:
+    """Temporal rows (see ``features.sequences``): training sequences before
+    ``validation_start``, validation/test targets = distinct items of each window."""
+    begin, end = events.offsets[:-1], events.offsets[1:]
+    owner = events.owner
+    # Sorted by time within each user, so each cut-off is one position per user.
+    before_val = begin + np.bincount(owner[events.ts < validation_start], minlength=events.n_users)
+    before_test = begin + np.bincount(owner[events.ts < test_start], minlength=events.n_users)
+    users = np.arange(events.n_users)
+    has_train = before_val > begin
+    has_val = before_test > before_val
+    has_test = end > before_test
+    tr, va, te = users[has_train], users[has_val], users[has_test]
+    rows = [
+        _Rows(tr, begin[tr], before_val[tr], max_length + 1, None, TRAIN),
+        _Rows(va, begin[va], before_val[va], max_length, (before_val[va], before_test[va]), VALIDATION),
+        _Rows(te, begin[te], before_test[te], max_length, (before_test[te], end[te]), TEST),
+    ]
+    return _examples(events, rows, single_targets=False)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Example rows of one split: history = events [begin, end) truncated to the last
+    ``keep``; targets = the event at ``targets`` (int array) or the distinct items of the
+    window ``targets = (start, stop)``; None for training rows."""
+
+    users: np.ndarray
+    begin: np.ndarray
+    end: np.ndarray
+    keep: int
+    targets: np.ndarray | tuple[np.ndarray, np.ndarray] | None
+    split: str
+
+
+def _examples(events: UserEvents, rows: list[_Rows], *, single_targets: bool) -> pa.Table:
+    batches = []
+    for r in rows:
+        starts = np.maximum(r.begin, r.end - r.keep)
+        items, behaviors, gaps, end_ts = _windows(events, starts, r.end)
+        targets, target_ts = _targets(events, r, single_targets)
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [
+                    pa.array(events.user_idx[r.users], pa.int32()),
+                    pa.array(events.user_id[r.users], pa.int64()),
+                    items,
+                    behaviors,
+                    gaps,
+                    end_ts,
+                    targets,
+                    target_ts,
+                    pa.array(np.full(len(r.users), r.split, dtype=object), pa.string()),
+                ],
+                schema=EXAMPLES_SCHEMA,
+            )
+        )
+    return pa.Table.from_batches(batches, schema=EXAMPLES_SCHEMA)
+
+
+def _targets(events: UserEvents, rows: _Rows, single: bool) -> tuple[pa.Array, pa.Array]:
+    n = len(rows.users)
+    if rows.targets is None:
+        no_targets = _lists(np.zeros(n, int), np.zeros(0, np.int32), pa.int32())
+        return no_targets, pa.nulls(n, pa.timestamp("us", tz="UTC"))
+    if single:
+        at = np.asarray(rows.targets)
+        return _lists(np.ones(n, int), events.item[at], pa.int32()), _timestamps(events.ts[at])
+    start, stop = rows.targets
+    index = _ranges(start, stop)
+    owner = np.repeat(np.arange(n), stop - start)
+    items = events.item[index]
+    # Distinct items per window, in order of first occurrence.
+    order = np.lexsort((np.arange(len(items)), items, owner))
+    keep = np.sort(order[_changes(owner[order], items[order])])
+    return _lists(np.bincount(owner[keep], minlength=n), items[keep], pa.int32()), _timestamps(events.ts[start])
+
+
+def _windows(
+    events: UserEvents, starts: np.ndarray, ends: np.ndarray
+) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """Items, behaviours, gaps and end time of the event ranges [starts, ends)."""
+    lengths = ends - starts
+    index = _ranges(starts, ends)
+    ts = events.ts[index]
+    gaps = np.zeros(len(index), dtype=np.int32)
+    if len(index):
+        gaps[1:] = np.diff(ts)
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        gaps[first[lengths > 0]] = 0
+    last = events.ts[np.maximum(ends - 1, 0)] if len(events.ts) else np.zeros(len(ends), np.int64)
+    end_ts = np.where(lengths > 0, last, 0)
+    return (
+        _lists(lengths, events.item[index], pa.int32()),
+        _lists(lengths, events.behavior[index], pa.int8()),
+        _lists(lengths, gaps, pa.int32()),
+        _timestamps(end_ts, mask=lengths == 0),
+    )
+
+
+def _changes(*keys: np.ndarray) -> np.ndarray:
+    """True where a sorted run of equal key tuples starts."""
+    if len(keys[0]) == 0:
+        return np.zeros(0, dtype=bool)
+    change = np.zeros(len(keys[0]), dtype=bool)
+    change[0] = True
+    for key in keys:
+        change[1:] |= key[1:] != key[:-1]
+    return change
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, e)`` for each pair, without a Python loop."""
+    lengths = np.asarray(ends - starts, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    shifts = np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths)
+    return np.arange(total, dtype=np.int64) + shifts
+
+
+def _lists(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type))
+
+
+def _timestamps(seconds: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
+    micros = np.asarray(seconds, dtype=np.int64) * 1_000_000
+    return pa.array(micros, pa.timestamp("us", tz="UTC"), mask=mask)

@@ -1,0 +1,70 @@
+"""Shared fixtures: one local Spark session for the whole run, a fresh lakehouse per test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys_spark.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_OVERRIDES = [
+    "spark.master=local[2]",
+    "spark.shuffle_partitions=2",
+    "spark.driver_memory=2g",
+    "logging.level=WARNING",
+]
+
+
+def make_settings(root: Path, *extra: str) -> Settings:
+    """Settings for tests: built-in defaults plus small Spark, never the caller's environment."""
+    return load_settings(
+        REPO / "conf" / "local.yaml",
+        overrides=[*TEST_OVERRIDES, *extra],
+        root=root,
+        environ={},
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from recsys_spark.spark import get_spark
+
+    session = get_spark(make_settings(tmp_path_factory.mktemp("spark")))
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "lake")
+
+
+@pytest.fixture
+def lake(spark: object, settings: Settings) -> object:
+    from recsys_spark.storage import open_lakehouse
+
+    return open_lakehouse(spark, settings)
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip: a fresh clone of the project has no shared/ folder."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (it lives beside the repo on the project's machines only)")
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | None, str]:
+    """Run ``recsys`` in-process (sharing the test Spark session); return code, JSON, stderr."""
+    from recsys_spark.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    result = json.loads(lines[-1]) if lines and "--json" in argv and code == 0 else None
+    return code, result, captured.err

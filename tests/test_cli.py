@@ -1,0 +1,59 @@
+"""The installed ``recsys`` command and the spark-submit job files, as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECSYS = Path(sys.executable).parent / "recsys"
+
+
+def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS")}
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_help_lists_every_stage() -> None:
+    result = run(str(RECSYS), "--help")
+    assert result.returncode == 0
+    for command in ("generate", "ingest", "features", "tables", "history", "maintain", "config", "demo"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (str(RECSYS), "ingest"),
+        (sys.executable, str(REPO / "jobs" / "ingest.py")),
+    ],
+)
+def test_missing_input_is_one_line_error_without_starting_spark(argv: tuple[str, ...], tmp_path: Path) -> None:
+    result = run(*argv, "--format", "taobao", "--input", str(tmp_path / "nope.csv"),
+                 "--root", str(tmp_path / "lake"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: input not found: {tmp_path / 'nope.csv'}"
+    assert not (tmp_path / "lake").exists()
+
+
+def test_unknown_config_key_exits_2_naming_it(tmp_path: Path) -> None:
+    result = run(str(RECSYS), "config", "--set", "features.max_seq=3", "--root", str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown config key 'features.max_seq'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
+    out = tmp_path / "log.csv"
+    result = run(str(RECSYS), "generate", "--users", "50", "--items", "40", "--days", "1",
+                 "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["lines"] == len(out.read_text().splitlines()) > 0
+    resolved = run(str(RECSYS), "config", "--json", "--root", str(tmp_path))
+    assert json.loads(resolved.stdout.strip().splitlines()[-1])["root"] == str(tmp_path)

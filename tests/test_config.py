@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from recsys_spark.config import Settings, describe_settings, load_settings
+from recsys_spark.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_local_yaml_equals_builtin_defaults(tmp_path: Path) -> None:
+    from_file = load_settings(REPO / "conf" / "local.yaml", root=tmp_path, environ={})
+    builtin = Settings(root=str(tmp_path))
+    assert from_file.model_dump() == builtin.model_dump()
+
+
+def test_cluster_example_is_valid() -> None:
+    cluster = load_settings(REPO / "conf" / "cluster.yaml", environ={})
+    assert cluster.storage.engine == "delta-spark"
+    assert cluster.spark.master is None
+    assert cluster.root == "s3a://shop-lakehouse/recsys"
+
+
+def test_precedence_yaml_env_set_root(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("spark:\n  shuffle_partitions: 3\nfeatures:\n  max_sequence_length: 10\n")
+    settings = load_settings(
+        config,
+        overrides=["features.max_sequence_length=30"],
+        root=tmp_path / "r",
+        environ={
+            "RECSYS__SPARK__SHUFFLE_PARTITIONS": "5",
+            "RECSYS__FEATURES__MAX_SEQUENCE_LENGTH": "20",
+            "RECSYS__ROOT": "/elsewhere",
+        },
+    )
+    assert settings.spark.shuffle_partitions == 5  # env beats YAML
+    assert settings.features.max_sequence_length == 30  # --set beats env
+    assert settings.root == str((tmp_path / "r").resolve())  # --root beats everything
+
+
+def test_set_parses_lists_null_and_nested_sections(tmp_path: Path) -> None:
+    settings = load_settings(
+        overrides=[
+            "features.windows_days=[7, 1]",
+            "features.as_of=2017-12-01T00:00:00",
+            "features.split.protocol=leave-one-out",
+            "spark.master=null",
+        ],
+        root=tmp_path,
+        environ={},
+    )
+    assert settings.features.windows_days == [1, 7]
+    assert settings.features.as_of == datetime(2017, 12, 1, tzinfo=UTC)  # naive means UTC
+    assert settings.features.split.protocol == "leave-one-out"
+    assert settings.spark.master is None
+
+
+def test_spark_conf_keys_keep_their_dots(tmp_path: Path) -> None:
+    settings = load_settings(
+        overrides=["spark.conf.spark.sql.adaptive.enabled=false"], root=tmp_path, environ={}
+    )
+    assert settings.spark.conf["spark.sql.adaptive.enabled"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("features.max_seq_len=5", "features.max_seq_len"),
+        ("nonsense=1", "nonsense"),
+        ("features.split.protocl=temporal", "features.split.protocl"),
+    ],
+)
+def test_unknown_keys_fail_naming_the_key(tmp_path: Path, override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown config key '{named}'"):
+        load_settings(overrides=[override], root=tmp_path, environ={})
+
+
+def test_unknown_key_in_yaml_fails_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("storage:\n  engin: delta-rs\n")
+    with pytest.raises(ConfigError, match="storage.engin"):
+        load_settings(config, environ={})
+
+
+def test_unknown_env_variable_fails_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="RECSYS__SPARK__MASTR"):
+        load_settings(root=tmp_path, environ={"RECSYS__SPARK__MASTR": "local"})
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("features.max_sequence_length=0", "features.max_sequence_length"),
+        ("features.max_sequence_length=ten", "features.max_sequence_length"),
+        ("storage.engine=parquet", "storage.engine"),
+        ("features.windows_days=[0]", "features.windows_days"),
+        ("features.split.test_fraction=0.95", "features.split"),
+    ],
+)
+def test_wrong_values_fail_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(overrides=[override], root=tmp_path, environ={})
+
+
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_settings(overrides=["features.max_sequence_length"], root=tmp_path, environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+
+
+def test_remote_root_is_kept_verbatim() -> None:
+    settings = load_settings(root="s3a://bucket/lake/", environ={})
+    assert settings.root == "s3a://bucket/lake"
+
+
+def test_explain_lists_every_leaf_key() -> None:
+    keys = {key for key, _, _ in describe_settings()}
+    assert {"root", "storage.engine", "features.split.protocol", "spark.conf"} <= keys

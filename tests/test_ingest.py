@@ -1,0 +1,232 @@
+"""Ingest through the CLI on local Spark: reconciliation, quarantine, idempotency, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from recsys_spark.constants import (
+    BRONZE_EVENTS_RAW,
+    OPS_INGEST_RUNS,
+    QUARANTINE_EVENTS,
+    SILVER_EVENTS,
+    SILVER_ITEM_INDEX,
+    SILVER_USER_INDEX,
+)
+from recsys_spark.generate import GeneratorConfig, write_log
+from recsys_spark.storage import Lakehouse
+from tests.conftest import run_cli, shared_file
+
+pytestmark = [pytest.mark.spark, pytest.mark.integration]
+
+QUIET = ("--set", "logging.level=WARNING")
+SMALL = GeneratorConfig(users=300, items=200, days=3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def taobao_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("logs") / "events.csv"
+    write_log(SMALL, path, fmt="taobao", malformed_rate=0.05)
+    return path
+
+
+def ingest(capsys, root: Path, fmt: str, path: Path) -> dict:
+    code, result, err = run_cli(
+        capsys, "ingest", "--format", fmt, "--input", str(path), "--root", str(root), "--json", *QUIET
+    )
+    assert code == 0, err
+    assert result is not None
+    return result
+
+
+def assert_reconciles(report: dict) -> None:
+    assert report["rows_in"] == (
+        report["rows_clean"] + report["rows_quarantined"] + report["rows_duplicate"]
+    )
+    assert report["rows_quarantined"] == sum(report["quarantine_reasons"].values())
+
+
+def test_taobao_every_row_lands_in_exactly_one_place(spark, lake: Lakehouse, settings, capsys, taobao_log) -> None:
+    report = ingest(capsys, Path(settings.root), "taobao", taobao_log)
+    assert_reconciles(report)
+    lines = taobao_log.read_text().splitlines()
+    assert report["rows_in"] == report["lines_in"] == len(lines)
+    assert set(report["quarantine_reasons"]) == {
+        "wrong_field_count", "missing_field", "invalid_id", "unknown_behavior",
+        "timestamp_out_of_range",
+    }
+    assert report["rows_duplicate"] >= len(lines) - len(set(lines))  # exact copies at least
+
+    silver = lake.read(SILVER_EVENTS)
+    assert silver.count() == report["rows_clean"]
+    assert silver.select("event_key").distinct().count() == report["rows_clean"]
+    quarantine = lake.read(QUARANTINE_EVENTS)
+    assert quarantine.count() == report["rows_quarantined"]
+    by_reason = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    assert by_reason == report["quarantine_reasons"]
+    sample = quarantine.first()
+    assert sample.raw in lines and sample.source_file.endswith("events.csv")
+    assert sample.ingest_run_id == report["run_id"] and sample.detail
+    assert lake.read(BRONZE_EVENTS_RAW).count() == len(lines)
+
+    # Typed, partitioned by date, with contiguous dense indices in stable dictionaries.
+    types = dict(silver.dtypes)
+    assert (types["user_id"], types["event_ts"], types["user_idx"]) == ("bigint", "timestamp", "int")
+    assert DeltaTable(lake.path(SILVER_EVENTS)).metadata().partition_columns == ["event_date"]
+    users = lake.read(SILVER_USER_INDEX)
+    n_users = silver.select("user_id").distinct().count()
+    assert users.count() == n_users
+    assert sorted(r.user_idx for r in users.collect()) == list(range(n_users))
+    items = lake.read(SILVER_ITEM_INDEX)
+    assert items.agg(F.max("item_idx")).first()[0] == items.count() - 1
+
+
+def test_same_content_twice_adds_nothing(spark, lake: Lakehouse, settings, capsys, taobao_log, tmp_path) -> None:
+    root = Path(settings.root)
+    first = ingest(capsys, root, "taobao", taobao_log)
+    tables = (BRONZE_EVENTS_RAW, QUARANTINE_EVENTS, SILVER_EVENTS, SILVER_USER_INDEX)
+    versions = {t: lake.version(t) for t in tables}
+    again = ingest(capsys, root, "taobao", taobao_log)
+    copy = tmp_path / "renamed.csv"
+    shutil.copy(taobao_log, copy)
+    renamed = ingest(capsys, root, "taobao", copy)
+    for report in (again, renamed):
+        assert report["status"] == "skipped"
+        assert report["rows_in"] == report["rows_duplicate"] == first["rows_in"]
+        assert report["rows_clean"] == report["rows_quarantined"] == 0
+    assert {t: lake.version(t) for t in tables} == versions
+    runs = lake.read(OPS_INGEST_RUNS).orderBy("attempt_started_at").collect()
+    assert [r.status for r in runs] == ["succeeded", "skipped", "skipped"]
+    assert runs[0].rows_clean == first["rows_clean"]
+
+
+def test_overlap_counts_duplicates_and_dictionaries_only_grow(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    root = Path(settings.root)
+    day1 = tmp_path / "day1.csv"
+    day1.write_text("10,100,1,pv,1511539200\n11,101,1,pv,1511539300\n12,102,2,buy,1511539400\n")
+    ingest(capsys, root, "taobao", day1)
+    before = {r.user_id: r.user_idx for r in lake.read(SILVER_USER_INDEX).collect()}
+    day2 = tmp_path / "day2.csv"
+    # one event already ingested, one duplicated inside the file, two new users and one new item
+    day2.write_text(
+        "11,101,1,pv,1511539300\n13,100,1,pv,1511539500\n13,100,1,pv,1511539500\n"
+        "9,103,1,cart,1511539600\n"
+    )
+    report = ingest(capsys, root, "taobao", day2)
+    assert (report["rows_in"], report["rows_clean"], report["rows_duplicate"]) == (4, 2, 2)
+    assert (report["new_users"], report["new_items"]) == (2, 1)
+    after = {r.user_id: r.user_idx for r in lake.read(SILVER_USER_INDEX).collect()}
+    assert {k: after[k] for k in before} == before  # never renumbered
+    assert sorted(after.values()) == list(range(5))
+    assert {after[9], after[13]} == {3, 4}
+
+
+def test_jsonl_ingest(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    path = tmp_path / "events.jsonl"
+    write_log(SMALL, path, fmt="jsonl", malformed_rate=0.05)
+    report = ingest(capsys, Path(settings.root), "jsonl", path)
+    assert_reconciles(report)
+    assert {"malformed_json", "missing_field", "invalid_id", "unknown_behavior"} <= set(
+        report["quarantine_reasons"]
+    )
+    silver = lake.read(SILVER_EVENTS)
+    row = silver.filter(F.col("event_id").isNotNull()).first()
+    assert row.event_key == f"e:{row.event_id}"
+    assert row.extras["device"] in {"ios", "android", "web"}
+    assert silver.count() == report["rows_clean"]
+
+
+def test_sequences_ingest(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    path = tmp_path / "seq.txt"
+    path.write_text("1 5 6 7 5\n2 6 7\n3\n4 5 x 9\n")
+    report = ingest(capsys, Path(settings.root), "sequences", path)
+    assert_reconciles(report)
+    # 4 + 2 items, one line without items, one bad token; "4 5 x 9" keeps 5 and 9
+    assert (report["rows_in"], report["rows_clean"], report["rows_quarantined"]) == (10, 8, 2)
+    assert report["lines_in"] == 4
+    user1 = lake.read(SILVER_EVENTS).filter("user_id = 1").orderBy("event_ts").collect()
+    assert [r.item_id for r in user1] == [5, 6, 7, 5]
+    assert {r.behavior_type for r in user1} == {"buy"}
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "message"),
+    [
+        (None, "taobao", "input not found"),
+        ("", "taobao", "input is empty"),
+        ('{"user_id": 1, "item_id": 2}\n{"user_id": 3}\n', "taobao", "nothing in .* parses as taobao"),
+        ("1,2,3,pv,1511539200\n", "jsonl", "nothing in .* parses as jsonl"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(
+    spark, settings, capsys, tmp_path, content: str | None, fmt: str, message: str
+) -> None:
+    path = tmp_path / "input.txt"
+    if content is not None:
+        path.write_text(content)
+    code, _, err = run_cli(capsys, "ingest", "--format", fmt, "--input", str(path),
+                           "--root", settings.root, *QUIET)
+    assert code != 0
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert pytest.importorskip("re").search(message, error_lines[0])
+    lake_root = Path(settings.root)
+    assert not any((lake_root / layer).exists() for layer in ("bronze", "silver", "quarantine", "ops"))
+
+
+def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'csv'" in capsys.readouterr().err
+
+
+def test_crash_between_tables_resumes_without_duplicates(
+    spark, lake: Lakehouse, settings, capsys, taobao_log, monkeypatch
+) -> None:
+    real_write = Lakehouse.write
+
+    def crash_on_silver(self, df, table, **kwargs):
+        if table == SILVER_EVENTS:
+            raise RuntimeError("simulated crash before the silver commit")
+        return real_write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lakehouse, "write", crash_on_silver)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(capsys, "ingest", "--format", "taobao", "--input", str(taobao_log),
+                "--root", settings.root, *QUIET)
+    assert lake.exists(BRONZE_EVENTS_RAW) and not lake.exists(SILVER_EVENTS)
+    monkeypatch.setattr(Lakehouse, "write", real_write)
+
+    report = ingest(capsys, Path(settings.root), "taobao", taobao_log)
+    assert_reconciles(report)
+    lines = len(taobao_log.read_text().splitlines())
+    assert lake.read(BRONZE_EVENTS_RAW).count() == lines  # bronze was not written twice
+    assert lake.read(QUARANTINE_EVENTS).count() == report["rows_quarantined"]
+    assert lake.read(SILVER_EVENTS).count() == report["rows_clean"]
+    assert report["rows_clean"] > 0.9 * lines
+
+
+@pytest.mark.slow
+def test_real_taobao_slice(spark, lake: Lakehouse, settings, capsys) -> None:
+    path = shared_file("taobao_user_behavior_1h.csv")
+    report = ingest(capsys, Path(settings.root), "taobao", path)
+    assert_reconciles(report)
+    assert report["rows_in"] == 110_300
+    assert report["rows_clean"] > 109_000
+    counts = {r.behavior_type: r["count"] for r in lake.read(SILVER_EVENTS).groupBy("behavior_type").count().collect()}
+    assert counts["pv"] > 90_000 and counts["buy"] > 2_000
+
+
+@pytest.mark.slow
+def test_real_amazon_toys_sequences(spark, lake: Lakehouse, settings, capsys) -> None:
+    path = shared_file("amazon_toys_sequences.txt")
+    report = ingest(capsys, Path(settings.root), "sequences", path)
+    assert_reconciles(report)
+    assert report["lines_in"] == 19_412
+    assert report["rows_quarantined"] == 0
+    assert 160_000 < report["rows_clean"] <= report["rows_in"]

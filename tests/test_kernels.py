@@ -1,0 +1,143 @@
+"""The vectorised per-user kernels against a plain per-user Python reference, no Spark."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recsys_spark.features import kernels
+
+AS_OF = 1_700_000_000
+DAY = 86_400
+
+
+def random_batch(seed: int, users: int = 40) -> pa.RecordBatch:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        n = int(rng.integers(1, 12))
+        rows.append(
+            {
+                "user_idx": u,
+                "user_id": 1000 + u,
+                "events": [
+                    {
+                        "ts": int(AS_OF - rng.integers(0, 40 * DAY)) // 3600 * 3600,  # ties happen
+                        "item": int(rng.integers(0, 6)),
+                        "behavior": int(rng.integers(1, 5)),
+                        "category": int(rng.choice([-1, 7, 8, 9])),
+                    }
+                    for _ in range(n)
+                ],
+            }
+        )
+    schema = pa.schema(
+        [
+            ("user_idx", pa.int32()),
+            ("user_id", pa.int64()),
+            ("events", pa.list_(pa.struct([("ts", pa.int64()), ("item", pa.int32()),
+                                           ("behavior", pa.int8()), ("category", pa.int64())]))),
+        ]
+    )
+    return pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
+def reference_histories(batch: pa.RecordBatch, collapse: bool) -> dict[int, list[dict]]:
+    out = {}
+    for row in batch.to_pylist():
+        events = sorted(row["events"], key=lambda e: (e["ts"], e["item"], e["behavior"]))
+        if collapse:
+            events = [e for i, e in enumerate(events) if i == 0 or e["item"] != events[i - 1]["item"]]
+        out[row["user_idx"]] = events
+    return out
+
+
+def gaps(events: list[dict]) -> list[int]:
+    return [0] + [b["ts"] - a["ts"] for a, b in zip(events, events[1:], strict=False)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_user_features_match_reference(seed: int) -> None:
+    batch = random_batch(seed)
+    got = kernels.user_features(kernels.from_arrow(batch), as_of=AS_OF, windows_days=[1, 7, 30],
+                                top_categories=2).to_pylist()
+    for row, events in zip(got, reference_histories(batch, collapse=False).values(), strict=True):
+        for code, name in enumerate(("pv", "cart", "fav", "buy"), start=1):
+            mine = [e for e in events if e["behavior"] == code]
+            assert row[f"{name}_total"] == len(mine)
+            for w in (1, 7, 30):
+                assert row[f"{name}_{w}d"] == sum(AS_OF - e["ts"] < w * DAY for e in mine)
+        assert row["total_events"] == len(events)
+        assert row["recency_seconds"] == AS_OF - events[-1]["ts"]
+        cats = Counter(e["category"] for e in events if e["category"] != -1)
+        assert row["distinct_categories"] == len(cats)
+        assert row["top_categories"] == [c for c, _ in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))][:2]
+        views = sum(e["behavior"] == 1 for e in events)
+        buys = sum(e["behavior"] == 4 for e in events)
+        assert row["view_to_buy_rate"] == (None if views == 0 else pytest.approx(buys / views))
+
+
+@pytest.mark.parametrize(("seed", "collapse"), [(s, c) for s in range(4) for c in (False, True)])
+def test_sequences_match_reference(seed: int, collapse: bool) -> None:
+    batch = random_batch(seed)
+    events = kernels.from_arrow(batch)
+    if collapse:
+        events = kernels.collapse_repeats(events)
+    got = kernels.user_sequences(events, max_length=4).to_pylist()
+    for row, history in zip(got, reference_histories(batch, collapse).values(), strict=True):
+        recent = history[-4:]
+        assert row["items"] == [e["item"] for e in recent]
+        assert row["behaviors"] == [e["behavior"] for e in recent]
+        assert row["gaps"] == gaps(recent)
+        assert row["length"] == len(recent)
+        assert int(row["last_event_ts"].timestamp()) == recent[-1]["ts"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_leave_one_out_matches_reference(seed: int) -> None:
+    batch = random_batch(seed)
+    got = kernels.leave_one_out(kernels.collapse_repeats(kernels.from_arrow(batch)), max_length=3).to_pylist()
+    expected = []
+    for u, h in reference_histories(batch, collapse=True).items():
+        items = [e["item"] for e in h]
+        if len(h) >= 3:
+            expected += [(u, "train", items[:-2][-4:], []), (u, "validation", items[:-2][-3:], [items[-2]]),
+                         (u, "test", items[:-1][-3:], [items[-1]])]
+        else:
+            expected.append((u, "train", items[-4:], []))
+    assert sorted((r["user_idx"], r["split"], r["history_items"], r["targets"]) for r in got) == sorted(expected)
+    for r in got:
+        if r["targets"]:
+            assert r["history_end_ts"] <= r["target_start_ts"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_temporal_matches_reference(seed: int) -> None:
+    batch = random_batch(seed)
+    val, test = AS_OF - 20 * DAY, AS_OF - 8 * DAY
+    got = kernels.temporal(kernels.from_arrow(batch), validation_start=val, test_start=test,
+                           max_length=3).to_pylist()
+    expected = []
+    for u, h in reference_histories(batch, collapse=False).items():
+        before_val = [e["item"] for e in h if e["ts"] < val]
+        before_test = [e["item"] for e in h if e["ts"] < test]
+        in_val = list(dict.fromkeys(e["item"] for e in h if val <= e["ts"] < test))
+        in_test = list(dict.fromkeys(e["item"] for e in h if e["ts"] >= test))
+        if before_val:
+            expected.append((u, "train", before_val[-4:], []))
+        if in_val:
+            expected.append((u, "validation", before_val[-3:], in_val))
+        if in_test:
+            expected.append((u, "test", before_test[-3:], in_test))
+    assert sorted((r["user_idx"], r["split"], r["history_items"], r["targets"]) for r in got) == sorted(expected)
+
+
+def test_empty_batch_gives_empty_tables() -> None:
+    batch = random_batch(0, users=0)
+    events = kernels.from_arrow(batch)
+    assert kernels.user_sequences(events, max_length=5).num_rows == 0
+    assert kernels.leave_one_out(events, max_length=5).num_rows == 0
+    assert kernels.user_features(events, as_of=AS_OF, windows_days=[1], top_categories=1).num_rows == 0

@@ -1,0 +1,268 @@
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from recsys_spark.errors import (
+    EngineUnavailableError,
+    SchemaMismatchError,
+    TableNotFoundError,
+)
+from recsys_spark.spark import delta_spark_loaded
+from recsys_spark.storage import Idempotency, Lakehouse, resolve_engine
+
+pytestmark = pytest.mark.spark
+
+BASE = 1_511_539_200
+
+
+def events(spark, n: int = 100, *, offset: int = 0):
+    """n rows over 3 days; times carry sub-millisecond parts to exercise stats rounding."""
+    return spark.range(offset, offset + n).select(
+        F.col("id").alias("k"),
+        (F.col("id") % 7).cast("int").alias("v"),
+        F.timestamp_micros(F.lit(BASE * 1_000_000) + F.col("id") * 2_600_000_123).alias("ts"),
+        F.to_date(F.timestamp_micros(F.lit(BASE * 1_000_000) + F.col("id") * 2_600_000_123)).alias("day"),
+    )
+
+
+def table_files(path: str) -> set[str]:
+    return {
+        str(p.relative_to(path))
+        for p in Path(path).rglob("*.parquet")
+        if "_delta_log" not in p.parts and "_staging" not in p.parts
+    }
+
+
+def test_write_read_roundtrip_is_a_genuine_delta_table(spark, lake: Lakehouse) -> None:
+    result = lake.write(events(spark), "silver/t", partition_by=["day"])
+    assert (result.version, result.rows_written) == (0, 100)
+    back = lake.read("silver/t")
+    assert back.columns == ["k", "v", "ts", "day"]
+    assert sorted(r.k for r in back.select("k").collect()) == list(range(100))
+    # delta-rs itself (no Spark) reads the same rows, partition column included.
+    table = DeltaTable(lake.path("silver/t"))
+    assert table.metadata().partition_columns == ["day"]
+    arrow = table.to_pyarrow_table()
+    assert arrow.num_rows == 100
+    spark_days = {r.day for r in back.select("day").distinct().collect()}
+    assert set(arrow.column("day").to_pylist()) == spark_days
+
+
+def test_file_statistics_bound_every_file(spark, lake: Lakehouse) -> None:
+    """Readers skip files by these min/max values: they must enclose each file's true range."""
+    lake.write(events(spark, 300), "silver/t", partition_by=["day"])
+    path = lake.path("silver/t")
+    actions = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
+    assert sum(a["num_records"] for a in actions) == 300
+    for action in actions:
+        data = pq.read_table(os.path.join(path, unquote(action["path"])))
+        assert action["num_records"] == data.num_rows
+        for column in ("k", "ts"):
+            values = data.column(column).to_pylist()
+            assert action[f"min.{column}"] <= min(values)
+            assert action[f"max.{column}"] >= max(values)
+            assert action[f"null_count.{column}"] == 0
+
+
+def test_later_appends_may_carry_nulls(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t", partition_by=["day"])  # Spark marks k NOT NULL
+    nulls = events(spark, 5).withColumn("k", F.lit(None).cast("bigint"))
+    lake.write(nulls, "silver/t", partition_by=["day"])
+    assert lake.read("silver/t").filter(F.col("k").isNull()).count() == 5
+
+
+def test_append_with_other_schema_fails_and_commits_nothing(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t", partition_by=["day"])
+    files = table_files(lake.path("silver/t"))
+    with pytest.raises(SchemaMismatchError, match=r"missing columns \['v'\].*unexpected columns \['w'\]"):
+        lake.write(events(spark, 10).withColumnRenamed("v", "w"), "silver/t", partition_by=["day"])
+    with pytest.raises(SchemaMismatchError, match="partitioned by"):
+        lake.write(events(spark, 10), "silver/t", partition_by=[])
+    assert lake.version("silver/t") == 0
+    assert table_files(lake.path("silver/t")) == files
+
+
+def test_failed_spark_job_leaves_table_untouched(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 50), "silver/t", partition_by=["day"])
+    files = table_files(lake.path("silver/t"))
+    exploding = events(spark, 50, offset=50).withColumn(
+        "v", F.when(F.col("k") == 90, F.raise_error(F.lit("boom"))).otherwise(F.col("v"))
+    )
+    with pytest.raises(Exception, match="boom"):
+        lake.write(exploding, "silver/t", partition_by=["day"])
+    assert lake.version("silver/t") == 0
+    assert lake.read("silver/t").count() == 50
+    assert table_files(lake.path("silver/t")) == files
+    assert not list(Path(lake.path("silver/t"), "_staging").glob("*"))
+
+
+def test_idempotent_write_is_applied_once(spark, lake: Lakehouse) -> None:
+    once = Idempotency("batch-7", 1)
+    first = lake.write(events(spark, 10), "silver/t", idempotency=once)
+    again = lake.write(events(spark, 10), "silver/t", idempotency=once)
+    assert not first.skipped and again.skipped
+    assert lake.read("silver/t").count() == 10
+    assert lake.transaction_version("silver/t", "batch-7") == 1
+    assert lake.transaction_version("silver/t", "other") is None
+    lake.write(events(spark, 10), "silver/t", idempotency=Idempotency("batch-7", 2))
+    assert lake.read("silver/t").count() == 20
+
+
+def test_overwrite_selected_partitions_only(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 100), "silver/t", partition_by=["day"])
+    days = sorted(r.day for r in lake.read("silver/t").select("day").distinct().collect())
+    first_day = str(days[0])
+    replacement = events(spark, 100).filter(F.col("day") == first_day).withColumn("v", F.lit(-1))
+    lake.write(replacement, "silver/t", mode="overwrite", partition_by=["day"],
+               partition_filters=[("day", "=", first_day)])
+    after = lake.read("silver/t")
+    assert after.count() == 100
+    assert {r.v for r in after.filter(F.col("day") == first_day).collect()} == {-1}
+    assert after.filter((F.col("day") != first_day) & (F.col("v") == -1)).count() == 0
+    # Rows outside the replaced partitions are refused before anything is committed.
+    version = lake.version("silver/t")
+    with pytest.raises(ValueError, match="outside the partitions being replaced"):
+        lake.write(events(spark, 100), "silver/t", mode="overwrite", partition_by=["day"],
+                   partition_filters=[("day", "in", [first_day])])
+    assert lake.version("silver/t") == version
+    assert lake.read("silver/t").count() == 100
+
+
+def test_full_overwrite_may_change_schema(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "gold/t")
+    lake.write(events(spark, 3).select("k"), "gold/t", mode="overwrite")
+    assert lake.read("gold/t").columns == ["k"]
+    assert lake.read("gold/t").count() == 3
+
+
+def test_upsert_inserts_updates_and_respects_condition(spark, lake: Lakehouse) -> None:
+    schema = "user long, score double, at long"
+    lake.upsert(spark.createDataFrame([(1, 0.1, 10), (2, 0.2, 10)], schema), "serving/t", keys=["user"])
+    result = lake.upsert(
+        spark.createDataFrame([(2, 0.9, 20), (3, 0.3, 20), (1, 0.5, 5)], schema),
+        "serving/t",
+        keys=["user"],
+        update_condition="s.at >= t.at",  # an older row never replaces a newer one
+    )
+    assert result.rows_written == 2
+    rows = {r.user: (r.score, r.at) for r in lake.read("serving/t").collect()}
+    assert rows == {1: (0.1, 10), 2: (0.9, 20), 3: (0.3, 20)}
+    replay = lake.upsert(
+        spark.createDataFrame([(4, 0.4, 30)], schema), "serving/t", keys=["user"],
+        idempotency=Idempotency("stream", 5),
+    )
+    skipped = lake.upsert(
+        spark.createDataFrame([(5, 0.5, 30)], schema), "serving/t", keys=["user"],
+        idempotency=Idempotency("stream", 5),
+    )
+    assert not replay.skipped and skipped.skipped
+    assert lake.read("serving/t").count() == 4
+
+
+def test_delete_history_and_time_travel(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 20), "silver/t")
+    time.sleep(1.1)
+    between = datetime.now(UTC)
+    time.sleep(1.1)
+    lake.write(events(spark, 20, offset=20), "silver/t")
+    deleted = lake.delete("silver/t", "k < 5")
+    assert deleted.rows_deleted == 5
+    assert lake.read("silver/t").count() == 35
+    assert lake.read("silver/t", version=0).count() == 20
+    assert lake.read("silver/t", version=1).count() == 40
+    assert lake.read("silver/t", timestamp=between).count() == 20
+    operations = [c["operation"] for c in lake.history("silver/t")]
+    assert operations[:2] == ["DELETE", "WRITE"] and operations[-1] == "CREATE TABLE"
+
+
+def test_optimize_compacts_and_vacuum_removes_orphans(spark, lake: Lakehouse) -> None:
+    for i in range(4):
+        lake.write(events(spark, 10, offset=10 * i).coalesce(1), "silver/t")
+    path = lake.path("silver/t")
+    before = len(DeltaTable(path).file_uris())
+    lake.optimize("silver/t")
+    assert len(DeltaTable(path).file_uris()) < before
+    assert lake.read("silver/t").count() == 40
+    # What a crashed write leaves: a data file never committed, and a staging folder.
+    orphan = Path(path) / "part-crashed.parquet"
+    orphan.write_bytes(b"PAR1")
+    stale = Path(path) / "_staging" / "dead"
+    stale.mkdir(parents=True)
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    os.utime(stale, (old, old))
+    removed = lake.vacuum("silver/t", retention_hours=0)
+    assert not orphan.exists() and not stale.exists()
+    assert any("part-crashed" in r for r in removed)
+    assert lake.read("silver/t").count() == 40
+
+
+def test_missing_tables_and_bad_names(lake: Lakehouse) -> None:
+    with pytest.raises(TableNotFoundError, match="silver/nothing"):
+        lake.read("silver/nothing")
+    with pytest.raises(ValueError, match="layer"):
+        lake.path("platinum/t")
+    with pytest.raises(ValueError):
+        lake.path("silver/../etc")
+
+
+def test_tables_lists_every_table(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 5), "silver/a")
+    lake.write(events(spark, 5), "gold/b")
+    lake.write(events(spark, 5), "gold/b")
+    assert [(t.name, t.version) for t in lake.tables()] == [("silver/a", 0), ("gold/b", 1)]
+
+
+def test_lock_serialises_holders(lake: Lakehouse) -> None:
+    order: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with lake.lock("ingest"):
+            held.set()
+            time.sleep(0.5)
+            order.append("first-done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait()
+    with lake.lock("ingest"):
+        order.append("second")
+    thread.join()
+    assert order == ["first-done", "second"]
+
+
+def test_engine_resolution_here(spark) -> None:
+    if delta_spark_loaded(spark):
+        pytest.skip("Delta's jars are on the classpath: auto resolves to delta-spark")
+    assert resolve_engine(spark, "auto").name == "delta-rs"
+    with pytest.raises(EngineUnavailableError, match="jars are not on Spark's classpath"):
+        resolve_engine(spark, "delta-spark")
+
+
+def test_delta_spark_and_delta_rs_read_each_others_tables(spark, tmp_path: Path) -> None:
+    if not delta_spark_loaded(spark):
+        pytest.skip(
+            "Delta's jars (io.delta:delta-spark_2.13) are not on Spark's classpath; Maven is "
+            "unreachable here, so the delta-spark engine cannot run on this machine"
+        )
+    from recsys_spark.storage.delta_rs import DeltaRsEngine
+    from recsys_spark.storage.delta_spark import DeltaSparkEngine
+
+    by_spark = Lakehouse(str(tmp_path / "a"), DeltaSparkEngine(spark))
+    by_rs = Lakehouse(str(tmp_path / "a"), DeltaRsEngine(spark))
+    by_spark.write(events(spark, 30), "silver/x", partition_by=["day"])
+    by_rs.write(events(spark, 30, offset=30), "silver/x", partition_by=["day"])
+    assert by_spark.read("silver/x").count() == by_rs.read("silver/x").count() == 60
+    assert DeltaTable(by_rs.path("silver/x")).to_pyarrow_table().num_rows == 60
