@@ -13,12 +13,13 @@ def test_storage_api() -> None:
         "Idempotency",
         "Lakehouse",
         "PartitionFilter",
+        "Scratch",
         "TableInfo",
         "open_lakehouse",
         "resolve_engine",
     ]
     operations = {"read", "write", "upsert", "delete", "history", "optimize", "vacuum", "version",
-                  "exists", "tables", "transaction_version", "lock", "path"}
+                  "exists", "tables", "transaction_version", "lock", "path", "scratch"}
     assert operations <= set(dir(storage.Lakehouse))
 
 

@@ -200,8 +200,7 @@ def build_features(
     with lake.scratch(f"features/{report.run_id}") as scratch:
         # The one user-side shuffle, staged once; three vectorised passes read it.
         with timed(log, "features.collect", run_id=report.run_id):
-            collect_user_events(events).write.mode("overwrite").parquet(scratch)
-        collected = spark.read.parquet(scratch)
+            collected = scratch.put(collect_user_events(events), "user_events")
         write(
             build_user_features(collected, as_of=as_of, windows_days=cfg.windows_days,
                                 top_categories=cfg.top_categories),

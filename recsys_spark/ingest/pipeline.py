@@ -217,12 +217,10 @@ def _ingest_files(
     once = Idempotency(app_id=run_id, version=1)
     raw = read_lines(spark, [f.path for f in files])
     with lake.scratch(f"ingest/{run_id}") as scratch:
-        # Parse once into scratch Parquet: every later pass (counts, quarantine, duplicates,
-        # dictionaries, silver) reads typed columns from it instead of re-parsing the text.
-        # Cheaper than Spark's in-memory cache, whose columnar build costs more than the parse.
+        # Parse once into scratch: every later pass (counts, quarantine, duplicates,
+        # dictionaries, silver) reads typed columns instead of re-parsing the text.
         with timed(log, "ingest.parse", run_id=run_id):
-            staged_parse(raw, fmt, validation_rules(settings, started)).write.mode("overwrite").parquet(scratch)
-        parsed = spark.read.parquet(scratch)
+            parsed = scratch.put(staged_parse(raw, fmt, validation_rules(settings, started)), "parsed")
         summary = _summarize(parsed)
         log_event(log, "ingest.validated", run_id=run_id, valid=summary.valid,
                   quarantined=summary.reasons)
@@ -245,24 +243,26 @@ def _ingest_files(
                 partition_by=[INGEST_DATE], idempotency=once,
             ).version
         valid = parsed.filter(F.col(REASON).isNull()).drop(RAW, REASON, DETAIL)
-        repeated = repeated_key_hashes(valid).persist()  # small: duplicates are rare
-        try:
-            clean = drop_known(first_occurrences(valid, repeated), _known_keys(lake, summary, run_id))
-            with timed(log, "ingest.dictionaries", run_id=run_id) as out:
-                user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
-                item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
-                out.update(new_users=new_users, new_items=new_items)
-            versions[SILVER_USER_INDEX] = lake.version(SILVER_USER_INDEX)
-            versions[SILVER_ITEM_INDEX] = lake.version(SILVER_ITEM_INDEX)
-            with timed(log, "ingest.silver", run_id=run_id):
-                result = lake.write(
-                    silver_rows(with_indices(clean, user_index, item_index), run_id),
-                    SILVER_EVENTS,
-                    partition_by=[EVENT_DATE],
-                    idempotency=once,
-                )
-        finally:
-            repeated.unpersist()
+        with timed(log, "ingest.deduplicate", run_id=run_id):
+            repeated = repeated_key_hashes(valid).persist()  # small: duplicates are rare
+            try:
+                known = _known_keys(lake, summary, run_id)
+                clean = scratch.put(drop_known(first_occurrences(valid, repeated), known), "clean")
+            finally:
+                repeated.unpersist()
+        with timed(log, "ingest.dictionaries", run_id=run_id) as out:
+            user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
+            item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
+            out.update(new_users=new_users, new_items=new_items)
+        versions[SILVER_USER_INDEX] = lake.version(SILVER_USER_INDEX)
+        versions[SILVER_ITEM_INDEX] = lake.version(SILVER_ITEM_INDEX)
+        with timed(log, "ingest.silver", run_id=run_id):
+            result = lake.write(
+                silver_rows(with_indices(clean, user_index, item_index), run_id),
+                SILVER_EVENTS,
+                partition_by=[EVENT_DATE],
+                idempotency=once,
+            )
     versions[SILVER_EVENTS] = result.version
     rows_clean = result.rows_written
     if rows_clean is None:  # committed by an earlier attempt of this run

@@ -42,6 +42,7 @@ __all__ = [
     "Idempotency",
     "Lakehouse",
     "PartitionFilter",
+    "Scratch",
     "TableInfo",
     "open_lakehouse",
     "resolve_engine",
@@ -227,21 +228,43 @@ class Lakehouse:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
-    def scratch(self, name: str) -> Iterator[str]:
-        """A scratch folder ``<root>/_work/<name>`` for intermediate data, removed afterwards
+    def scratch(self, name: str) -> Iterator[Scratch]:
+        """Scratch space ``<root>/_work/<name>`` for intermediate results, removed afterwards
         (also on failure). Not a table: nothing in it is ever visible to readers."""
-        path = f"{self.root}/_work/{name}"
-        _delete_tree(self.engine.spark, path)  # a crashed attempt may have left it behind
+        scratch = Scratch(self.engine.spark, f"{self.root}/_work/{name}")
+        _delete_tree(scratch.spark, scratch.path)  # a crashed attempt may have left it behind
         try:
-            yield path
+            yield scratch
         finally:
-            _delete_tree(self.engine.spark, path)
+            _delete_tree(scratch.spark, scratch.path)
 
     def _existing(self, table: str) -> str:
         path = self.path(table)
         if not self.engine.exists(path):
             raise TableNotFoundError(f"table {table} does not exist under {self.root}")
         return path
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Intermediate Parquet, written once and read back by several later passes: cheaper than
+    recomputing them, and cheaper than Spark's in-memory cache, whose columnar build costs
+    more than a plain write."""
+
+    spark: SparkSession
+    path: str
+
+    def put(self, df: DataFrame, name: str) -> DataFrame:
+        """Materialise ``df`` as ``<path>/<name>`` and return it read back."""
+        target = f"{self.path}/{name}"
+        # Optimised for write speed: read back a few times, then deleted.
+        (
+            df.write.mode("overwrite")
+            .option("compression", "none")
+            .option("parquet.enable.dictionary", "false")
+            .parquet(target)
+        )
+        return self.spark.read.parquet(target)
 
 
 def _delete_tree(spark: SparkSession, path: str) -> None:

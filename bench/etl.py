@@ -1,0 +1,144 @@
+"""ETL benchmark: ingest + features against the I/O floor, at 1M and 10M synthetic events.
+
+    python bench/etl.py [--sizes 1000000 10000000]
+
+For each size, in one run and on the same generated Taobao-style CSV:
+
+* floor — plain Spark: read the CSV with a schema, write it as Parquet;
+* pipeline — ``run_ingest`` (bronze, quarantine, silver, dictionaries) then ``build_features``
+  (four gold tables), exactly what ``recsys ingest`` + ``recsys features`` run.
+
+Each is a fresh process (fresh JVM); time is measured after the Spark session is up. Memory is the
+peak resident size of the whole process tree (Python driver + JVM; in local mode the JVM holds
+the executors too). Prints the table and writes it to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, gib, machine, record, run_worker  # noqa: E402
+
+TARGET_RATIO = 2.0
+TARGET_PEAK_GIB = 4.0
+DAYS = 7
+EVENTS_PER_USER_DAY = 4.7  # what the generator produces on average
+
+
+def _settings(root: Path):
+    from recsys_spark.config import load_settings
+
+    return load_settings(REPO / "conf" / "local.yaml", root=root,
+                         overrides=["logging.level=WARNING"], environ={})
+
+
+def worker_floor(csv: str, work: Path) -> dict:
+    from recsys_spark.spark import get_spark
+
+    spark = get_spark(_settings(work / "floor-root"))
+    spark.range(1).count()
+    start = time.perf_counter()
+    schema = "user_id long, item_id long, category_id long, behavior_type string, ts long"
+    spark.read.csv(csv, schema=schema).write.mode("overwrite").parquet(str(work / "floor.parquet"))
+    return {"seconds": time.perf_counter() - start}
+
+
+def worker_pipeline(csv: str, work: Path) -> dict:
+    from recsys_spark.features import build_features
+    from recsys_spark.ingest import run_ingest
+    from recsys_spark.spark import get_spark
+    from recsys_spark.storage import open_lakehouse
+
+    settings = _settings(work / "lakehouse")
+    spark = get_spark(settings)
+    lake = open_lakehouse(spark, settings)
+    spark.range(1).count()
+    start = time.perf_counter()
+    report = run_ingest(spark, lake, settings, input_path=csv, fmt="taobao")
+    middle = time.perf_counter()
+    features = build_features(spark, lake, settings)
+    end = time.perf_counter()
+    return {
+        "ingest_seconds": middle - start,
+        "features_seconds": end - middle,
+        "seconds": end - start,
+        "rows_clean": report.rows_clean,
+        "gold_rows": features.rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--work", type=Path, default=REPO / ".tmp" / "bench-etl")
+    parser.add_argument("--worker", choices=["floor", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run = worker_floor if args.worker == "floor" else worker_pipeline
+        print(json.dumps(run(args.input, args.work)))
+        return
+
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    rows = []
+    for size in args.sizes:
+        work = args.work / str(size)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        users = max(100, round(size / (DAYS * EVENTS_PER_USER_DAY)))
+        csv = work / "events.csv"
+        report = write_log(GeneratorConfig(users=users, items=users // 2, days=DAYS, seed=7), csv)
+        print(f"[{size:,}] generated {report.events:,} events ({users:,} users)", flush=True)
+        floor = run_worker([__file__, "--worker", "floor", "--input", str(csv), "--work", str(work)])
+        print(f"[{size:,}] floor    {floor.result['seconds']:.1f}s  peak {gib(floor.peak_total_bytes)}", flush=True)
+        pipe = run_worker([__file__, "--worker", "pipeline", "--input", str(csv), "--work", str(work)])
+        print(f"[{size:,}] pipeline {pipe.result['seconds']:.1f}s  peak {gib(pipe.peak_total_bytes)}", flush=True)
+        rows.append((report.events, floor, pipe))
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = [
+        "## ETL: ingest + features vs the I/O floor",
+        "",
+        f"`python bench/etl.py` on {machine()}, Spark `local[*]`, delta-rs engine. Floor = plain "
+        "Spark reading the same CSV with a schema and writing Parquet. Pipeline = `run_ingest` "
+        "(parse, bronze, quarantine, dedup, dictionaries, silver) + `build_features` (item "
+        "features, user features, sequences, training examples). Peak = resident memory of "
+        "the whole process tree (Python driver + JVM, which in local mode also runs the "
+        "executors).",
+        "",
+        "| events | floor s | ingest s | features s | pipeline s | ratio | s per 1M events | "
+        "peak floor | peak pipeline (JVM / Python) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for events, floor, pipe in rows:
+        ratio = pipe.result["seconds"] / floor.result["seconds"]
+        lines.append(
+            f"| {events:,} | {floor.result['seconds']:.1f} | {pipe.result['ingest_seconds']:.1f} "
+            f"| {pipe.result['features_seconds']:.1f} | {pipe.result['seconds']:.1f} "
+            f"| **{ratio:.2f}** | {pipe.result['seconds'] / events * 1e6:.1f} "
+            f"| {gib(floor.peak_total_bytes)} | {gib(pipe.peak_total_bytes)} "
+            f"({gib(pipe.peak_jvm_bytes)} / {gib(pipe.peak_python_bytes)}) |"
+        )
+    last_ratio = rows[-1][2].result["seconds"] / rows[-1][1].result["seconds"]
+    peak = max(p.peak_total_bytes for _, _, p in rows) / 2**30
+    lines += [
+        "",
+        f"Targets: ratio <= {TARGET_RATIO} at the largest size — "
+        f"{'met' if last_ratio <= TARGET_RATIO else f'**not met** ({last_ratio:.2f})'}; "
+        f"peak driver memory <= {TARGET_PEAK_GIB} GiB — "
+        f"{'met' if peak <= TARGET_PEAK_GIB else f'**not met** ({peak:.2f} GiB)'}.",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    record("etl", table)
+
+
+if __name__ == "__main__":
+    main()
