@@ -31,5 +31,9 @@ test: setup
 bench: setup
 	$(PY) bench/etl.py
 
+# The MLflow UI over this lakehouse's tracking store (ROOT=... for another lakehouse).
+mlflow-ui: setup
+	$(VENV)/bin/recsys ui $(if $(ROOT),--root $(ROOT))
+
 clean:
 	rm -rf lakehouse demo-data .pytest_cache

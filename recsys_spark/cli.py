@@ -22,6 +22,9 @@ from recsys_spark.constants import INPUT_FORMATS
 from recsys_spark.errors import RecsysError
 from recsys_spark.logs import configure_logging
 
+MODEL_NAMES = ("sasrec", "two_tower", "mf")
+BASELINE_NAMES = ("popularity", "popularity_recent", "itemcf", "als")
+
 Handler = Callable[[argparse.Namespace, Settings], dict[str, Any]]
 
 
@@ -77,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     maint.add_argument("tables", nargs="*", help="tables (default: all)")
     maint.add_argument("--optimize", action="store_true", help="compact small files")
     maint.add_argument("--vacuum", action="store_true", help="delete unreferenced old files")
+
+    train = command("train", _train, "train a model with TorchDistributor, log it to MLflow, gate it")
+    train.add_argument("--model", choices=MODEL_NAMES, help="default: training.model")
+    train.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its checkpoint")
+
+    base = command("baselines", _baselines, "fit and evaluate the baselines, logged to MLflow")
+    base.add_argument("names", nargs="*", help=f"subset of: {', '.join(BASELINE_NAMES)} (default: all)")
+
+    ev = command("evaluate", _evaluate, "full-ranking evaluation of a registered model, in Spark")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--version", help="registered model version")
+    which.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    ev.add_argument("--split", choices=("test", "validation"), default="test")
+
+    prom = command("promote", _promote, "make a registered model version the champion by hand")
+    prom.add_argument("--version", required=True)
+    prom.add_argument("--reason", default="manual promotion")
+
+    ui = command("ui", _ui, "open the MLflow UI on 127.0.0.1 for this lakehouse's tracking store")
+    ui.add_argument("--port", type=_positive_int, default=5000)
 
     conf = command("config", _config, "print the resolved configuration")
     conf.add_argument("--explain", action="store_true", help="list every key with its help")
@@ -228,6 +251,79 @@ def _maintain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         done[name] = entry
         _say(args, f"{name}: {entry}")
     return {"tables": done}
+
+
+def _metric_line(metrics: dict[str, float]) -> str:
+    keys = ("hit@10", "ndcg@10", "recall@10", "mrr", "coverage@10")
+    return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.training.runner import run_training
+
+    spark, lake = _session(settings)
+    report = run_training(spark, lake, settings, model=args.model, resume_run_id=args.resume)
+    decision = "promoted to champion" if report.promoted else f"champion stays v{report.champion_version}"
+    _say(args, f"{report.model_name}: run {report.run_id}, registered {report.registered_model} "
+               f"v{report.model_version} ({decision}); best epoch {report.best_epoch} of {report.epochs_run}")
+    _say(args, f"  test  {_metric_line(report.test)}")
+    return report.as_dict()
+
+
+def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.baselines import run_baselines
+
+    unknown = [n for n in args.names if n not in BASELINE_NAMES]
+    if unknown:
+        raise RecsysError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINE_NAMES)}")
+    _, lake = _session(settings)
+    results = run_baselines(lake, settings, tuple(args.names) or BASELINE_NAMES)
+    for r in results:
+        _say(args, f"{r['baseline']:<18} {_metric_line(r['test'])}  (run {r['run_id']})")
+    return {"baselines": results}
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, SPLIT
+    from recsys_spark.evaluation.evaluate import evaluate_in_spark
+    from recsys_spark.tracking import alias_version, connect, model_uri, tracking_uri
+    from recsys_spark.training.runner import load_training_data
+
+    client = connect(settings)
+    if args.version is None and alias_version(client, settings.mlflow.registered_model, args.alias) is None:
+        raise RecsysError(f"registered model {settings.mlflow.registered_model!r} has no alias {args.alias!r}; "
+                          "train a model first")
+    _, lake = _session(settings)
+    data = load_training_data(lake, settings)
+    uri = model_uri(settings, alias=args.alias, version=args.version)
+    rows = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == args.split)
+    metrics = evaluate_in_spark(rows, model_uri=uri, tracking_uri=tracking_uri(settings),
+                                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen)
+    _say(args, f"{uri} on {GOLD_TRAINING_EXAMPLES} v{data.version} {args.split} ({data.protocol}):")
+    _say(args, f"  {_metric_line(metrics)}")
+    return {"model_uri": uri, "split": args.split, "table_version": data.version, "metrics": metrics, **metrics}
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.tracking import connect, promote
+
+    promote(connect(settings), settings, args.version, reason=args.reason)
+    _say(args, f"{settings.mlflow.registered_model} v{args.version} is now the champion")
+    return {"registered_model": settings.mlflow.registered_model, "champion": args.version}
+
+
+def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    import subprocess
+
+    from recsys_spark.tracking import tracking_uri
+
+    uri = tracking_uri(settings)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    return {"exit_code": subprocess.call(command), "tracking_uri": uri}
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -124,10 +124,11 @@ class FeatureSettings(_Section):
         50, gt=0, description="Most recent items kept per user sequence (model input length)."
     )
     top_categories: int = Field(3, gt=0, description="Categories listed per user.")
-    collapse_repeats: bool = Field(
-        True,
+    collapse_repeats: Literal["auto", "always", "never"] = Field(
+        "auto",
         description="Keep one of consecutive events on the same item in sequences (a run of "
-        "page views of one item is one step).",
+        "page views of one item is one step); auto: for event logs, not for `sequences` input "
+        "(benchmark files are used exactly as published).",
     )
     split: SplitSettings = Field(default_factory=SplitSettings)
 
@@ -139,6 +140,102 @@ class FeatureSettings(_Section):
         if not value or any(w <= 0 for w in value):
             raise ValueError("windows must be a non-empty list of positive day counts")
         return sorted(set(value))
+
+
+class SASRecSettings(_Section):
+    dim: int = Field(64, gt=0, description="Embedding and hidden size.")
+    heads: int = Field(2, gt=0, description="Attention heads (dim must divide by it).")
+    blocks: int = Field(2, gt=0, description="Transformer blocks.")
+    ffn_dim: int = Field(128, gt=0, description="Feed-forward width.")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    use_behaviors: bool = Field(False, description="Add behaviour-type embeddings.")
+    use_gaps: bool = Field(False, description="Add log-bucketed time-gap embeddings.")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> SASRecSettings:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class TwoTowerSettings(_Section):
+    dim: int = Field(64, gt=0)
+    hidden: int = Field(128, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature of cosine scores.")
+
+
+class MFSettings(_Section):
+    dim: int = Field(64, gt=0)
+
+
+class TrainingSettings(_Section):
+    model: Literal["sasrec", "two_tower", "mf"] = Field("sasrec", description="Default model.")
+    num_processes: int = Field(
+        2, gt=0, description="TorchDistributor processes (DDP ranks); 1 also works."
+    )
+    local_mode: bool | None = Field(
+        None, description="Run ranks on the driver (default: when spark.master is local)."
+    )
+    epochs: int = Field(200, gt=0, description="Upper bound; early stopping usually ends first.")
+    patience: int = Field(
+        10, gt=0, description="Stop after this many evaluations without a better validation metric."
+    )
+    batch_size: int = Field(128, gt=0, description="Global batch size, split across ranks.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(5.0, gt=0, description="Max gradient norm.")
+    loss: Literal["full_softmax", "sampled_softmax"] = Field(
+        "full_softmax", description="sampled_softmax (with log-Q correction) for big catalogues."
+    )
+    num_negatives: int = Field(256, gt=0, description="Negatives per batch for sampled_softmax.")
+    max_length: int | None = Field(
+        None, gt=0, description="Model sequence length (default: features.max_sequence_length)."
+    )
+    seed: int = 42
+    buffer_rows: int = Field(8192, gt=0, description="Shuffle buffer of the streaming loader.")
+    prefetch_batches: int = Field(4, ge=0, description="Batches read ahead on a thread.")
+    sasrec: SASRecSettings = Field(default_factory=SASRecSettings)
+    two_tower: TwoTowerSettings = Field(default_factory=TwoTowerSettings)
+    mf: MFSettings = Field(default_factory=MFSettings)
+
+
+class EvaluationSettings(_Section):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], description="Cut-offs K.")
+    mask_history: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Exclude items the user already interacted with from the ranking; auto: "
+        "for leave-one-out (the published protocol), not for temporal (repeats are real).",
+    )
+    gate_metric: str = Field("ndcg@10", description="Metric a challenger must beat to be champion.")
+    batch_size: int = Field(256, gt=0, description="Rows scored at once.")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k <= 0 for k in value):
+            raise ValueError("ks must be a non-empty list of positive cut-offs")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _gate_is_a_metric(self) -> EvaluationSettings:
+        known = {f"{m}@{k}" for m in ("hit", "ndcg", "recall", "coverage") for k in self.ks} | {"mrr"}
+        if self.gate_metric not in known:
+            raise ValueError(f"gate_metric {self.gate_metric!r} is not one of {sorted(known)}")
+        return self
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str | None = Field(
+        None, description="Default: a SQLite store at <root>/mlflow/mlflow.db."
+    )
+    artifact_location: str | None = Field(
+        None, description="Default: <root>/mlflow/artifacts (new experiments only)."
+    )
+    experiment: str = Field("recsys", description="Experiment every model and baseline logs to.")
+    registered_model: str = Field(
+        "recsys-recommender", description="Registry name; versions carry champion/challenger."
+    )
 
 
 class LoggingSettings(_Section):
@@ -157,6 +254,9 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("root")

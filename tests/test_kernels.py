@@ -104,11 +104,15 @@ def test_leave_one_out_matches_reference(seed: int) -> None:
     for u, h in reference_histories(batch, collapse=True).items():
         items = [e["item"] for e in h]
         if len(h) >= 3:
-            expected += [(u, "train", items[:-2][-4:], []), (u, "validation", items[:-2][-3:], [items[-2]]),
-                         (u, "test", items[:-1][-3:], [items[-1]])]
+            expected += [
+                (u, "train", items[:-2][-4:], [], []),
+                (u, "validation", items[:-2][-3:], [items[-2]], list(dict.fromkeys(items[:-2]))),
+                (u, "test", items[:-1][-3:], [items[-1]], list(dict.fromkeys(items[:-1]))),
+            ]
         else:
-            expected.append((u, "train", items[-4:], []))
-    assert sorted((r["user_idx"], r["split"], r["history_items"], r["targets"]) for r in got) == sorted(expected)
+            expected.append((u, "train", items[-4:], [], []))
+    rows = [(r["user_idx"], r["split"], r["history_items"], r["targets"], r["seen_items"]) for r in got]
+    assert sorted(rows) == sorted(expected)
     for r in got:
         if r["targets"]:
             assert r["history_end_ts"] <= r["target_start_ts"]
@@ -127,12 +131,13 @@ def test_temporal_matches_reference(seed: int) -> None:
         in_val = list(dict.fromkeys(e["item"] for e in h if val <= e["ts"] < test))
         in_test = list(dict.fromkeys(e["item"] for e in h if e["ts"] >= test))
         if before_val:
-            expected.append((u, "train", before_val[-4:], []))
+            expected.append((u, "train", before_val[-4:], [], []))
         if in_val:
-            expected.append((u, "validation", before_val[-3:], in_val))
+            expected.append((u, "validation", before_val[-3:], in_val, list(dict.fromkeys(before_val))))
         if in_test:
-            expected.append((u, "test", before_test[-3:], in_test))
-    assert sorted((r["user_idx"], r["split"], r["history_items"], r["targets"]) for r in got) == sorted(expected)
+            expected.append((u, "test", before_test[-3:], in_test, list(dict.fromkeys(before_test))))
+    rows = [(r["user_idx"], r["split"], r["history_items"], r["targets"], r["seen_items"]) for r in got]
+    assert sorted(rows) == sorted(expected)
 
 
 def test_empty_batch_gives_empty_tables() -> None:

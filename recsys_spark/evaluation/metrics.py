@@ -73,6 +73,11 @@ class MetricSums:
         return out
 
 
+def metric_key(name: str) -> str:
+    """``hit@10`` -> ``hit_at_10``: MLflow metric names may not contain ``@``."""
+    return name.replace("@", "_at_")
+
+
 def empty_sums(num_items: int, ks: Sequence[int] = DEFAULT_KS) -> MetricSums:
     sums = MetricSums(tuple(ks), num_items)
     sums.sums = {f"{m}@{k}": 0.0 for m in ("hit", "ndcg", "recall") for k in ks} | {"mrr": 0.0}

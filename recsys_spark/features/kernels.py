@@ -201,6 +201,7 @@ EXAMPLES_SCHEMA = pa.schema(
         *sequence_fields("history"),
         pa.field("targets", pa.list_(pa.int32())),
         pa.field("target_start_ts", pa.timestamp("us", tz="UTC")),
+        pa.field("seen_items", pa.list_(pa.int32())),
         pa.field(SPLIT, pa.string()),
     ]
 )
@@ -285,6 +286,10 @@ def _examples(events: UserEvents, rows: list[_Rows], *, single_targets: bool) ->
         starts = np.maximum(r.begin, r.end - r.keep)
         items, behaviors, gaps, end_ts = _windows(events, starts, r.end)
         targets, target_ts = _targets(events, r, single_targets)
+        # Evaluation masks everything the user saw before the target, not only the truncated
+        # history; training rows need no mask.
+        seen_stop = r.end if r.targets is not None else r.begin
+        seen_lengths, seen = _distinct(events, r.begin, seen_stop)
         batches.append(
             pa.RecordBatch.from_arrays(
                 [
@@ -296,6 +301,7 @@ def _examples(events: UserEvents, rows: list[_Rows], *, single_targets: bool) ->
                     end_ts,
                     targets,
                     target_ts,
+                    _lists(seen_lengths, seen, pa.int32()),
                     pa.array(np.full(len(r.users), r.split, dtype=object), pa.string()),
                 ],
                 schema=EXAMPLES_SCHEMA,
@@ -313,13 +319,19 @@ def _targets(events: UserEvents, rows: _Rows, single: bool) -> tuple[pa.Array, p
         at = np.asarray(rows.targets)
         return _lists(np.ones(n, int), events.item[at], pa.int32()), _timestamps(events.ts[at])
     start, stop = rows.targets
+    lengths, items = _distinct(events, start, stop)
+    return _lists(lengths, items, pa.int32()), _timestamps(events.ts[start])
+
+
+def _distinct(events: UserEvents, start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct items of each range [start, stop), in order of first occurrence: (lengths,
+    concatenated items)."""
     index = _ranges(start, stop)
-    owner = np.repeat(np.arange(n), stop - start)
+    owner = np.repeat(np.arange(len(start)), stop - start)
     items = events.item[index]
-    # Distinct items per window, in order of first occurrence.
     order = np.lexsort((np.arange(len(items)), items, owner))
     keep = np.sort(order[_changes(owner[order], items[order])])
-    return _lists(np.bincount(owner[keep], minlength=n), items[keep], pa.int32()), _timestamps(events.ts[start])
+    return np.bincount(owner[keep], minlength=len(start)), items[keep]
 
 
 def _windows(

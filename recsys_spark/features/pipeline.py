@@ -88,22 +88,33 @@ class FeatureReport:
         return asdict(self)
 
 
-def resolve_protocol(settings: FeatureSettings, lake: Lakehouse) -> SplitProtocol:
+def ingested_formats(lake: Lakehouse) -> set[str]:
+    """Input formats of every successful ingest run."""
+    if not lake.exists(OPS_INGEST_RUNS):
+        return set()
+    rows = (
+        lake.read(OPS_INGEST_RUNS)
+        .filter(F.col("status") == "succeeded")
+        .select("format")
+        .distinct()
+        .collect()
+    )
+    return {r["format"] for r in rows}
+
+
+def resolve_protocol(settings: FeatureSettings, formats: set[str]) -> SplitProtocol:
     """``auto``: leave-one-out when every ingested input was a ``sequences`` file (the
     benchmark format), temporal for event logs."""
     if settings.split.protocol != "auto":
         return settings.split.protocol
-    formats: set[str] = set()
-    if lake.exists(OPS_INGEST_RUNS):
-        rows = (
-            lake.read(OPS_INGEST_RUNS)
-            .filter(F.col("status") == "succeeded")
-            .select("format")
-            .distinct()
-            .collect()
-        )
-        formats = {r["format"] for r in rows}
     return "leave-one-out" if formats == {"sequences"} else "temporal"
+
+
+def resolve_collapse(settings: FeatureSettings, formats: set[str]) -> bool:
+    """``auto``: collapse repeated consecutive items in event logs, keep benchmark sequences."""
+    if settings.collapse_repeats != "auto":
+        return settings.collapse_repeats == "always"
+    return formats != {"sequences"}
 
 
 def temporal_cutoffs(
@@ -163,7 +174,9 @@ def build_features(
     events = events.filter(F.col(EVENT_TS) <= F.lit(as_of))
     if cfg.as_of is not None:  # items first seen after as_of are not part of its catalogue
         num_items = int(events.agg(F.max(ITEM_IDX)).first()[0] or -1) + 1
-    protocol = resolve_protocol(cfg, lake)
+    formats = ingested_formats(lake)
+    protocol = resolve_protocol(cfg, formats)
+    collapse = resolve_collapse(cfg, formats)
     validation_start = test_start = None
     if protocol == "temporal":
         validation_start, test_start = temporal_cutoffs(cfg, first_event, as_of)
@@ -208,7 +221,7 @@ def build_features(
         )
         write(
             build_user_sequences(collected, max_length=cfg.max_sequence_length,
-                                 collapse_repeats=cfg.collapse_repeats),
+                                 collapse_repeats=collapse),
             GOLD_USER_SEQUENCES,
         )
         if validation_start is not None and test_start is not None:
@@ -217,11 +230,11 @@ def build_features(
                 validation_start=validation_start,
                 test_start=test_start,
                 max_length=cfg.max_sequence_length,
-                collapse_repeats=cfg.collapse_repeats,
+                collapse_repeats=collapse,
             )
         else:
             examples = leave_one_out_examples(
-                collected, max_length=cfg.max_sequence_length, collapse_repeats=cfg.collapse_repeats
+                collected, max_length=cfg.max_sequence_length, collapse_repeats=collapse
             )
         write(examples, GOLD_TRAINING_EXAMPLES, partition_by=(SPLIT,))
     report.num_users = report.rows[GOLD_USER_SEQUENCES]

@@ -174,6 +174,10 @@ class Lakehouse:
         """Commits, newest first."""
         return self.engine.history(self._existing(table), limit)
 
+    def commit_metadata(self, table: str, version: int) -> dict[str, str]:
+        """Key/values recorded with ``commit_info`` in that version's commit."""
+        return self.engine.commit_metadata(self._existing(table), version)
+
     def optimize(self, table: str) -> dict[str, Any]:
         """Compact small files into larger ones (a data-preserving commit)."""
         metrics = self.engine.optimize(self._existing(table))

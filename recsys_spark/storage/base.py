@@ -99,6 +99,9 @@ class TableEngine(ABC):
     def history(self, path: str, limit: int | None = None) -> list[dict[str, Any]]: ...
 
     @abstractmethod
+    def commit_metadata(self, path: str, version: int) -> dict[str, str]: ...
+
+    @abstractmethod
     def optimize(self, path: str) -> dict[str, Any]: ...
 
     @abstractmethod

@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 log = get_logger("storage.delta_rs")
 
 STAGING_DIR = "_staging"
+_COMMIT_INFO_FIELDS = {
+    "timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo",
+    "clientVersion", "version", "readVersion", "isBlindAppend", "userMetadata",
+}
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
@@ -88,6 +92,13 @@ class DeltaRsEngine(TableEngine):
 
     def history(self, path: str, limit: int | None = None) -> list[dict[str, Any]]:
         return self._open(path).history(limit)
+
+    def commit_metadata(self, path: str, version: int) -> dict[str, str]:
+        for commit in self._open(path).history():
+            if commit.get("version") == version:
+                # delta-rs puts custom commit metadata beside the standard commitInfo fields
+                return {k: str(v) for k, v in commit.items() if k not in _COMMIT_INFO_FIELDS}
+        raise TableNotFoundError(f"table {path} has no version {version}")
 
     # --- reads ------------------------------------------------------------------------------
 

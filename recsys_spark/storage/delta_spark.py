@@ -69,6 +69,12 @@ class DeltaSparkEngine(TableEngine):
         rows = self._table(path).history(limit) if limit else self._table(path).history()
         return [row.asDict(recursive=True) for row in rows.collect()]
 
+    def commit_metadata(self, path: str, version: int) -> dict[str, str]:
+        rows = self._table(path).history().filter(f"version = {int(version)}").collect()
+        if not rows:
+            raise TableNotFoundError(f"table {path} has no version {version}")
+        return json.loads(rows[0]["userMetadata"] or "{}")
+
     def read(
         self, path: str, *, version: int | None = None, timestamp: datetime | None = None
     ) -> DataFrame:

@@ -9,6 +9,7 @@ files), so the training set is never materialised on the driver or in any worker
   fewer units than readers, every reader takes a row stride of each unit instead, so all ranks
   still get data (uneven step counts are absorbed by DDP's ``join``);
 * shuffling — unit order is permuted per epoch, and rows are permuted within a bounded buffer;
+  optionally rows of similar length are batched together (``bucket_by``) to cut padding;
 * prefetching — ``prefetch`` reads and collates the next batches on a background thread while
   the model trains (Arrow and NumPy release the GIL).
 
@@ -78,6 +79,7 @@ class DeltaBatches(IterableDataset):
         buffer_rows: int = 8192,
         rank: int = 0,
         world_size: int = 1,
+        bucket_by: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0 or buffer_rows < batch_size:
@@ -90,6 +92,7 @@ class DeltaBatches(IterableDataset):
         self.buffer_rows = buffer_rows
         self.rank = rank
         self.world_size = world_size
+        self.bucket_by = bucket_by
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -135,10 +138,18 @@ class DeltaBatches(IterableDataset):
         if self.shuffle:
             table = table.take(pa.array(rng.permutation(table.num_rows)))
         full = table.num_rows - table.num_rows % self.batch_size if keep_tail else table.num_rows
-        for start in range(0, full, self.batch_size):
-            yield from table.slice(start, self.batch_size).to_batches()
         if full < table.num_rows:
             buffered.extend(table.slice(full).to_batches())
+        table = table.slice(0, full)
+        starts = np.arange(0, full, self.batch_size)
+        if self.bucket_by is not None:
+            # Rows of similar length share a batch (less padding to compute over); batches
+            # are then visited in random order so lengths do not drift through the epoch.
+            lengths = pc.list_value_length(table.column(self.bucket_by)).to_numpy(zero_copy_only=False)
+            table = table.take(pa.array(np.argsort(lengths, kind="stable")))
+            starts = rng.permutation(starts)
+        for start in starts:
+            yield from table.slice(int(start), self.batch_size).to_batches()
 
 
 def prefetch(source: Iterable[T], depth: int) -> Iterator[T]:

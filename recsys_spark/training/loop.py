@@ -1,0 +1,242 @@
+"""The training function every DDP rank runs under TorchDistributor.
+
+``train_worker`` is top-level and picklable and takes one small ``TrainJob``; it imports nothing
+from Spark. Each rank streams its shard of the gold table, trains with DDP (gloo on CPU, NCCL on
+GPUs), evaluates its shard of the validation users after every epoch and all-reduces the metric
+sums, so every rank takes the same early-stopping decision and returns the same result (which is
+what TorchDistributor hands back: the value of whichever rank finished last).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from recsys_spark.evaluation.evaluate import evaluate_scorer
+from recsys_spark.evaluation.metrics import metric_key
+from recsys_spark.logs import configure_logging, get_logger, log_event
+from recsys_spark.training.batches import TRAIN_COLUMNS, sequence_batch
+from recsys_spark.training.data import DeltaBatches, TableSlice, collate_with, prefetch
+from recsys_spark.training.tasks import LossModule, LossOptions, ModelSpec, Task, get_task
+
+log = get_logger("train")
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run, as shipped to every rank."""
+
+    spec: ModelSpec
+    train: TableSlice
+    validation: TableSlice
+    test: TableSlice
+    checkpoint_dir: str
+    epochs: int = 200
+    patience: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    loss: str = "full_softmax"
+    num_negatives: int = 256
+    seed: int = 42
+    buffer_rows: int = 8192
+    prefetch_batches: int = 4
+    ks: tuple[int, ...] = (5, 10, 20)
+    stop_metric: str = "ndcg@10"
+    eval_batch_size: int = 256
+    mask_seen: bool = True
+    resume: bool = False
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    log_level: str = "INFO"
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # next epoch to run
+    best: float = -math.inf
+    best_epoch: int = -1
+    waited: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Rank:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def _start() -> _Rank:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        # Ranks share the machine's cores: oversubscribing threads slows every rank down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return _Rank(rank, world, device)
+
+
+def _all_sum(values: np.ndarray, rank: _Rank) -> np.ndarray:
+    if rank.world == 1:
+        return values
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def evaluate(task: Task, model: nn.Module, source: TableSlice, job: TrainJob, rank: _Rank) -> dict[str, float]:
+    """Full-ranking metrics of ``source``'s rows; each rank scores its shard, sums combine."""
+    model.eval()
+    sums = evaluate_scorer(partial(task.scores, model), source, num_items=job.spec.num_items,
+                           max_length=job.spec.max_length, ks=job.ks, mask_seen=job.mask_seen,
+                           batch_size=job.eval_batch_size, rank=rank.rank, world_size=rank.world,
+                           prefetch_batches=job.prefetch_batches)
+    sums.from_vector(_all_sum(sums.as_vector(), rank))
+    return sums.means()
+
+
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: _State) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": state.epoch,
+            "best": state.best,
+            "best_epoch": state.best_epoch,
+            "waited": state.waited,
+            "history": state.history,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(path)  # a crash mid-save never leaves a torn checkpoint
+
+
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> _State:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+    return _State(saved["epoch"], saved["best"], saved["best_epoch"], saved["waited"], saved["history"])
+
+
+def _log_epoch(job: TrainJob, record: dict[str, float], epoch: int) -> None:
+    if not (job.tracking_uri and job.run_id):
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(key), float(value), now, epoch) for key, value in record.items() if key != "epoch"]
+    MlflowClient(job.tracking_uri).log_batch(job.run_id, metrics=metrics)
+
+
+def train_worker(job: TrainJob) -> dict[str, Any]:
+    """Train, early-stop on validation ``job.stop_metric``, evaluate the best model on test."""
+    configure_logging(job.log_level)
+    rank = _start()
+    torch.manual_seed(job.seed)  # same initial weights on every rank
+    task = get_task(job.spec.name)
+    model = task.build(job.spec).to(rank.device)
+    log_q = torch.as_tensor(job.spec.log_q if job.spec.log_q is not None else
+                            np.full(job.spec.num_items, -math.log(job.spec.num_items)), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(job.seed + rank.rank)
+    loss_module = LossModule(task, model, log_q, LossOptions(job.loss, job.num_negatives, generator)).to(rank.device)
+    trainer: nn.Module = DistributedDataParallel(loss_module) if rank.world > 1 else loss_module
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay,
+                                  betas=(0.9, 0.98))
+    folder = Path(job.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _load(folder / LAST, model, optimizer) if job.resume and (folder / LAST).exists() else _State()
+    if job.resume and rank.leader:
+        log_event(log, "train.resume", epoch=state.epoch, best=state.best)
+    torch.manual_seed(job.seed + 1000 * state.epoch + rank.rank)  # dropout stream per rank/epoch
+
+    batches = DeltaBatches(job.train, columns=TRAIN_COLUMNS, batch_size=max(1, job.batch_size // rank.world),
+                           shuffle=True, seed=job.seed, buffer_rows=job.buffer_rows, rank=rank.rank,
+                           world_size=rank.world, bucket_by="history_items")
+    collate = partial(sequence_batch, max_length=job.spec.max_length)
+    stopped_early = False
+    while state.epoch < job.epochs:
+        started = time.perf_counter()
+        batches.set_epoch(state.epoch)
+        trainer.train()
+        loss_sum = np.zeros(2)
+        join = trainer.join() if isinstance(trainer, DistributedDataParallel) else nullcontext()
+        with join:
+            for batch in prefetch(collate_with(batches, collate), job.prefetch_batches):
+                loss = trainer(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), job.grad_clip)
+                optimizer.step()
+                loss_sum += (float(loss.detach()), 1.0)
+        loss_sum = _all_sum(loss_sum, rank)
+        metrics = evaluate(task, model, job.validation, job, rank)
+        record = {"epoch": state.epoch, "train_loss": loss_sum[0] / max(loss_sum[1], 1.0),
+                  **{f"val_{k}": v for k, v in metrics.items()},
+                  "epoch_seconds": time.perf_counter() - started}
+        state.history.append(record)
+        improved = metrics[job.stop_metric] > state.best
+        if improved:
+            state.best, state.best_epoch, state.waited = metrics[job.stop_metric], state.epoch, 0
+        else:
+            state.waited += 1
+        state.epoch += 1
+        if rank.leader:
+            if improved:
+                torch.save(model.state_dict(), folder / BEST)
+            _save(folder / LAST, model, optimizer, state)
+            _log_epoch(job, record, record["epoch"])
+            log_event(log, "train.epoch", epoch=record["epoch"], loss=round(record["train_loss"], 4),
+                      **{f"val_{job.stop_metric}": round(metrics[job.stop_metric], 5)},
+                      best=round(state.best, 5), seconds=round(record["epoch_seconds"], 1))
+        if rank.world > 1:
+            dist.barrier()  # checkpoints are on disk before any rank moves on
+        if state.waited >= job.patience:
+            stopped_early = True
+            break
+
+    model.load_state_dict(torch.load(folder / BEST, map_location=rank.device, weights_only=True))
+    test = evaluate(task, model, job.test, job, rank)
+    best_validation = state.history[state.best_epoch] if state.best_epoch >= 0 else {}
+    if rank.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {
+        "test": test,
+        "validation": {k[4:]: v for k, v in best_validation.items() if k.startswith("val_")},
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "stopped_early": stopped_early,
+        "history": state.history,
+        "best_state_path": str(folder / BEST),
+        "world_size": rank.world,
+    }

@@ -1,0 +1,408 @@
+"""``recsys train``: gold table -> TorchDistributor DDP training -> MLflow run -> registry gate.
+
+Order matters for "fail fast and leave the registry unchanged": the model name, the config and
+the gold table are checked and the tracking store is reached *before* any run is created, and
+the model is registered only after training and test evaluation succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from pyspark.sql import functions as F
+
+from recsys_spark.config import Settings
+from recsys_spark.constants import (
+    CATEGORY_ID,
+    GOLD_ITEM_FEATURES,
+    GOLD_TRAINING_EXAMPLES,
+    ITEM_ID,
+    ITEM_IDX,
+    SILVER_ITEM_INDEX,
+    SILVER_USER_INDEX,
+    TEST,
+    TRAIN,
+    USER_ID,
+    USER_IDX,
+    VALIDATION,
+)
+from recsys_spark.errors import ConfigError, InputDataError, RecsysError, TableNotFoundError
+from recsys_spark.evaluation.evaluate import evaluate_registered
+from recsys_spark.logs import get_logger, log_event
+from recsys_spark.spark import work_dir
+from recsys_spark.storage import Lakehouse
+from recsys_spark.tracking import (
+    CHAMPION,
+    alias_version,
+    connect,
+    experiment_id,
+    flatten,
+    log_final_metrics,
+    log_json,
+    log_learning_curves,
+    log_metrics_at_k,
+    log_params,
+    model_uri,
+    record_gate,
+    tracking_uri,
+)
+from recsys_spark.training.data import TableSlice, count_rows
+from recsys_spark.training.loop import TrainJob, train_worker
+from recsys_spark.training.tasks import TASKS, ModelSpec, get_task
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from pyspark.sql import SparkSession
+
+log = get_logger("train")
+
+
+class TrainingFailedError(RecsysError):
+    """A DDP rank failed; its traceback is in the log."""
+
+MODEL_ARTIFACT = "recommender"
+TORCH_ARTIFACT = "torch_model"
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on: one version of the gold table and the sizes derived from it."""
+
+    table: str
+    version: int
+    protocol: str
+    feature_run_id: str
+    rows: dict[str, int]
+    num_items: int
+    num_users: int
+    mask_seen: bool
+    source_versions: dict[str, Any] = field(default_factory=dict)
+
+    def slice(self, split: str) -> TableSlice:
+        return TableSlice(self.table, self.version, split)
+
+
+@dataclass
+class TrainingReport:
+    run_id: str
+    model_name: str
+    model_version: str
+    registered_model: str
+    test: dict[str, float]
+    validation: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    promoted: bool
+    champion_version: str | None
+    champion_value: float | None
+    gate_metric: str
+    world_size: int
+    seconds: float
+    data: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        result.update(self.test)  # hit@10 etc. at the top level, as the CLI contract says
+        return result
+
+
+def resolve_model(settings: Settings, model: str | None) -> str:
+    name = model or settings.training.model
+    if name not in TASKS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    return name
+
+
+def model_max_length(settings: Settings) -> int:
+    return settings.training.max_length or settings.features.max_sequence_length
+
+
+def load_training_data(lake: Lakehouse, settings: Settings) -> TrainingData:
+    """The gold table's current version, checked to hold something to train and evaluate on."""
+    if not lake.exists(GOLD_TRAINING_EXAMPLES):
+        raise TableNotFoundError(
+            f"{GOLD_TRAINING_EXAMPLES} does not exist under {settings.root}: run `recsys ingest` "
+            "and `recsys features` first"
+        )
+    version = lake.version(GOLD_TRAINING_EXAMPLES)
+    path = lake.path(GOLD_TRAINING_EXAMPLES)
+    rows = {split: count_rows(TableSlice(path, version, split)) for split in (TRAIN, VALIDATION, TEST)}
+    if rows[TRAIN] == 0:
+        raise InputDataError(f"{GOLD_TRAINING_EXAMPLES} v{version} has no training rows {rows}")
+    if rows[VALIDATION] == 0 or rows[TEST] == 0:
+        raise InputDataError(
+            f"{GOLD_TRAINING_EXAMPLES} v{version} needs validation and test rows for early stopping "
+            f"and gating, got {rows}; check features.split"
+        )
+    meta = lake.commit_metadata(GOLD_TRAINING_EXAMPLES, version)
+    protocol = meta.get("protocol", "temporal")
+    num_items = int(meta["num_items"])
+    top_user = lake.read(GOLD_TRAINING_EXAMPLES, version=version).agg(F.max(USER_IDX)).first()[0]
+    mode = settings.evaluation.mask_history
+    return TrainingData(
+        table=path,
+        version=version,
+        protocol=protocol,
+        feature_run_id=meta.get("feature_run_id", ""),
+        rows=rows,
+        num_items=num_items,
+        num_users=int(top_user) + 1,
+        mask_seen=mode == "always" or (mode == "auto" and protocol == "leave-one-out"),
+        source_versions=json.loads(meta.get("source_versions", "{}")),
+    )
+
+
+def item_log_q(lake: Lakehouse, data: TrainingData) -> np.ndarray:
+    """log of each item's share of training interactions (smoothed): the sampling probability
+    that in-batch and sampled softmax correct for."""
+    examples = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col("split") == TRAIN)
+    counts = np.ones(data.num_items, dtype=np.float64)
+    exploded = examples.select(F.explode("history_items").alias(ITEM_IDX)).groupBy(ITEM_IDX).count()
+    for row in exploded.collect():  # one row per item: bounded by the catalogue, not the data
+        counts[row[ITEM_IDX]] += row["count"]
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def item_categories(lake: Lakehouse, num_items: int) -> tuple[np.ndarray, int]:
+    """(I + 1,) dense category 1..C of item id 1..I (0 = unknown), and C."""
+    dense = np.zeros(num_items + 1, dtype=np.int64)
+    if not lake.exists(GOLD_ITEM_FEATURES):
+        return dense, 0
+    rows = lake.read(GOLD_ITEM_FEATURES).select(ITEM_IDX, CATEGORY_ID).filter(
+        F.col(ITEM_IDX) < num_items).toArrow()
+    categories = rows.column(CATEGORY_ID).to_numpy(zero_copy_only=False)
+    known = ~pd.isna(categories)
+    codes, uniques = pd.factorize(categories[known])
+    dense[rows.column(ITEM_IDX).to_numpy()[known] + 1] = codes + 1
+    return dense, len(uniques)
+
+
+def _dictionary(lake: Lakehouse, table: str, idx: str, raw: str, size: int) -> pa.Table:
+    return lake.read(table).select(idx, raw).filter(F.col(idx) < size).toArrow()
+
+
+def build_spec(lake: Lakehouse, settings: Settings, name: str, data: TrainingData) -> ModelSpec:
+    hyper = getattr(settings.training, name).model_dump()
+    categories, num_categories = (item_categories(lake, data.num_items) if name == "two_tower"
+                                  else (None, 0))
+    spec = ModelSpec(name=name, num_items=data.num_items, num_users=data.num_users,
+                     max_length=model_max_length(settings), hyperparameters=hyper,
+                     num_categories=num_categories, item_categories=categories,
+                     log_q=item_log_q(lake, data))
+    try:
+        get_task(name).build(spec)  # a config that cannot build fails here, before any run
+    except ValueError as exc:
+        raise ConfigError(f"training.{name}: {exc}") from exc
+    return spec
+
+
+def run_training(
+    spark: SparkSession,
+    lake: Lakehouse,
+    settings: Settings,
+    *,
+    model: str | None = None,
+    resume_run_id: str | None = None,
+) -> TrainingReport:
+    """Train ``model`` on the gold table, log everything to MLflow, register and gate it.
+
+    Raises:
+        ConfigError: unknown model, or hyperparameters that cannot build a model.
+        TableNotFoundError / InputDataError: no gold table, or a split without rows.
+        TrackingUnavailableError: the tracking store does not answer.
+    """
+    started = time.perf_counter()
+    name = resolve_model(settings, model)
+    client = connect(settings)
+    data = load_training_data(lake, settings)
+    spec = build_spec(lake, settings, name, data)
+    run_id = _open_run(client, settings, name, resume_run_id)
+    try:
+        report = _train_and_register(spark, lake, settings, client, run_id, spec, data,
+                                     resume=resume_run_id is not None)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    report.seconds = round(time.perf_counter() - started, 1)
+    return report
+
+
+def _open_run(client: MlflowClient, settings: Settings, name: str, resume_run_id: str | None) -> str:
+    if resume_run_id is None:
+        run = client.create_run(experiment_id(client, settings), run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={"recsys.kind": "model", "recsys.model": name})
+        return run.info.run_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(resume_run_id)
+    except MlflowException as exc:
+        raise RecsysError(f"cannot resume: no run {resume_run_id} in {tracking_uri(settings)}") from exc
+    if run.data.tags.get("recsys.model") != name:
+        raise ConfigError(f"run {resume_run_id} trained {run.data.tags.get('recsys.model')!r}, not {name!r}")
+    if run.info.status == "FINISHED":
+        raise RecsysError(f"run {resume_run_id} already finished; nothing to resume")
+    client.update_run(resume_run_id, status="RUNNING")
+    return resume_run_id
+
+
+def checkpoint_dir(settings: Settings, run_id: str) -> Path:
+    return Path(work_dir(settings)) / "checkpoints" / run_id
+
+
+def _train_job(settings: Settings, spec: ModelSpec, data: TrainingData, run_id: str, resume: bool) -> TrainJob:
+    t = settings.training
+    return TrainJob(
+        spec=spec, train=data.slice(TRAIN), validation=data.slice(VALIDATION), test=data.slice(TEST),
+        checkpoint_dir=str(checkpoint_dir(settings, run_id)), epochs=t.epochs, patience=t.patience,
+        batch_size=t.batch_size, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip, loss=t.loss, num_negatives=t.num_negatives, seed=t.seed,
+        buffer_rows=t.buffer_rows, prefetch_batches=t.prefetch_batches, ks=tuple(settings.evaluation.ks),
+        stop_metric="ndcg@10" if 10 in settings.evaluation.ks else f"ndcg@{settings.evaluation.ks[0]}",
+        eval_batch_size=settings.evaluation.batch_size, mask_seen=data.mask_seen, resume=resume,
+        tracking_uri=tracking_uri(settings), run_id=run_id, log_level=settings.logging.level,
+    )
+
+
+def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> dict[str, Any]:
+    """Run ``train_worker`` on ``num_processes`` DDP ranks under TorchDistributor."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    t = settings.training
+    local = t.local_mode if t.local_mode is not None else spark.sparkContext.master.startswith("local")
+    scratch = Path(work_dir(settings)) / "torchrun"
+    scratch.mkdir(parents=True, exist_ok=True)
+    distributor = TorchDistributor(num_processes=t.num_processes, local_mode=local,
+                                   use_gpu=torch.cuda.is_available())
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)  # torchrun leaves folders in TMPDIR: keep them ours
+    tempfile.tempdir = None
+    try:
+        # Rank output is written to our stdout, which belongs to the --json result line.
+        with contextlib.redirect_stdout(sys.stderr):
+            return distributor.run(train_worker, job)
+    except RuntimeError as exc:
+        raise TrainingFailedError(f"training failed on a rank ({exc}); the ranks' output is above") from exc
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        tempfile.tempdir = None
+
+
+def _train_and_register(
+    spark: SparkSession,
+    lake: Lakehouse,
+    settings: Settings,
+    client: MlflowClient,
+    run_id: str,
+    spec: ModelSpec,
+    data: TrainingData,
+    *,
+    resume: bool,
+) -> TrainingReport:
+    data_record = {k: v for k, v in asdict(data).items() if k != "table"} | {"table": GOLD_TRAINING_EXAMPLES}
+    if not resume:
+        log_params(client, run_id, flatten(settings.model_dump(mode="json")) | flatten(
+            {"data": {k: v for k, v in data_record.items() if k != "rows"} | {"rows": data.rows}}))
+        log_json(client, run_id, "config/resolved.json", settings.model_dump(mode="json"))
+        log_json(client, run_id, "data/versions.json", data_record)
+    job = _train_job(settings, spec, data, run_id, resume)
+    log_event(log, "train.start", run_id=run_id, model=spec.name, processes=settings.training.num_processes,
+              rows=data.rows, items=data.num_items, resume=resume)
+    result = distribute(spark, settings, job)
+    log_final_metrics(client, run_id, result["test"], "test_")
+    log_final_metrics(client, run_id, result["validation"], "best_val_")
+    log_learning_curves(client, run_id, result["history"], job.stop_metric)
+    log_metrics_at_k(client, run_id, result["test"], settings.evaluation.ks)
+
+    version = _log_models(lake, settings, client, run_id, spec, data, Path(result["best_state_path"]))
+    gate = settings.evaluation.gate_metric
+    champion = alias_version(client, settings.mlflow.registered_model, CHAMPION)
+    champion_value = None
+    if champion is not None:
+        champion_value = evaluate_registered(
+            model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
+            num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
+            batch_size=settings.evaluation.batch_size)[gate]
+    eval_set = f"{GOLD_TRAINING_EXAMPLES}@v{data.version}/{TEST}"
+    promoted = record_gate(client, settings, version, result["test"][gate], champion, champion_value, eval_set)
+    client.set_tag(run_id, "recsys.model_version", version)
+    client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
+    log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted,
+              **{f"test_{k}": round(v, 5) for k, v in result["test"].items() if k in ("ndcg@10", "hit@10")})
+    return TrainingReport(
+        run_id=run_id, model_name=spec.name, model_version=version,
+        registered_model=settings.mlflow.registered_model, test=result["test"],
+        validation=result["validation"], best_epoch=result["best_epoch"], epochs_run=result["epochs_run"],
+        promoted=promoted, champion_version=None if champion is None else str(champion.version),
+        champion_value=champion_value, gate_metric=gate, world_size=result["world_size"], seconds=0.0,
+        data=data_record,
+    )
+
+
+def _log_models(
+    lake: Lakehouse,
+    settings: Settings,
+    client: MlflowClient,
+    run_id: str,
+    spec: ModelSpec,
+    data: TrainingData,
+    best_state: Path,
+) -> str:
+    """Log the pyfunc (registered) and the plain torch module; return the new version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from recsys_spark.training.package import PIP_REQUIREMENTS, RecommenderModel, ScoringModule, write_artifacts
+
+    state = torch.load(best_state, map_location="cpu", weights_only=True)
+    task = get_task(spec.name)
+    network = task.build(spec)
+    network.load_state_dict(state)
+    network.eval()
+    items = _dictionary(lake, SILVER_ITEM_INDEX, ITEM_IDX, ITEM_ID, data.num_items)
+    users = _dictionary(lake, SILVER_USER_INDEX, USER_IDX, USER_ID, data.num_users) if spec.name == "mf" else None
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory(dir=work_dir(settings)) as folder, mlflow.start_run(run_id=run_id):
+        artifacts = write_artifacts(Path(folder), spec, state, items, users)
+        raw_items = items.column(ITEM_ID).to_pylist()[:3]
+        example = pd.DataFrame({"history": [raw_items], "user_id": [0]})
+        output = pd.DataFrame({"item_ids": [[0]], "scores": [[0.0]]})
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=RecommenderModel(), artifacts=artifacts,
+            signature=infer_signature(example, output, params={"k": 10}), pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=settings.mlflow.registered_model,
+        )
+        scoring = ScoringModule(task, network)
+        if spec.name == "mf":
+            tensor_example = np.zeros(2, dtype=np.int64)
+        else:
+            tensor_example = np.zeros((2, spec.max_length), dtype=np.int64)
+            tensor_example[:, -1] = 1
+        with torch.no_grad():
+            tensor_output = scoring(torch.from_numpy(tensor_example)).numpy()
+        mlflow.pytorch.log_model(
+            scoring, name=TORCH_ARTIFACT, serialization_format="pickle",
+            signature=infer_signature(tensor_example, tensor_output), input_example=tensor_example,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(settings.mlflow.registered_model, version, "recsys.model", spec.name)
+    return version
