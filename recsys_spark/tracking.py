@@ -194,8 +194,10 @@ def record_gate(
     client.set_registered_model_alias(name, CHALLENGER, version)
     if champion is None:
         promoted, reason = True, "no champion yet"
-    elif champion_value is None or challenger_value > champion_value:
-        promoted, reason = True, f"{metric} {challenger_value:.5f} > champion's {champion_value}"
+    elif champion_value is None:
+        promoted, reason = True, "champion could not be evaluated"
+    elif challenger_value > champion_value:
+        promoted, reason = True, f"{metric} {challenger_value:.5f} > champion's {champion_value:.5f}"
     else:
         promoted, reason = False, f"{metric} {challenger_value:.5f} <= champion's {champion_value:.5f}"
     tags = {

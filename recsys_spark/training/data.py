@@ -28,7 +28,8 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -46,15 +47,39 @@ class TableSlice:
     split: str
 
 
-def _units(source: TableSlice, columns: Sequence[str]) -> list[ds.Fragment]:
-    dataset = DeltaTable(source.path, version=source.version).to_pyarrow_dataset()
-    fragments = dataset.get_fragments(filter=pc.field(SPLIT) == source.split)
-    return [unit for fragment in fragments for unit in fragment.split_by_row_group()]
+@dataclass(frozen=True)
+class _Unit:
+    """One row group of one data file of the slice: the unit of sharding and shuffling."""
+
+    uri: str
+    row_group: int
+    rows: int
+
+    def read(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        filesystem, path = pafs.FileSystem.from_uri(self.uri)
+        with filesystem.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(row_groups=[self.row_group], columns=list(columns))
+
+
+def _units(source: TableSlice) -> list[_Unit]:
+    """Row groups of the files the Delta log lists for the split at the version.
+
+    Only listing goes through delta-rs; reading is plain pyarrow, so the units are picklable and
+    safe to use in forked DataLoader workers (delta-rs's runtime does not survive a fork).
+    """
+    table = DeltaTable(source.path, version=source.version)
+    units = []
+    for uri in sorted(table.file_uris(file_pruning_predicate=[(SPLIT, "=", source.split)])):
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        with filesystem.open_input_file(path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        units += [_Unit(uri, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+    return units
 
 
 def count_rows(source: TableSlice) -> int:
     """Rows of the split, from Parquet footers only."""
-    return sum(unit.count_rows() for unit in _units(source, ()))
+    return sum(unit.rows for unit in _units(source))
 
 
 class DeltaBatches(IterableDataset):
@@ -94,6 +119,7 @@ class DeltaBatches(IterableDataset):
         self.world_size = world_size
         self.bucket_by = bucket_by
         self.epoch = 0
+        self.units = _units(source)  # listed once, in the parent: workers only read files
 
     def set_epoch(self, epoch: int) -> None:
         """A different, reproducible order per epoch (same seed, same order, on every rank)."""
@@ -107,7 +133,7 @@ class DeltaBatches(IterableDataset):
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         reader, readers = self._reader()
         rng = np.random.default_rng([self.seed, self.epoch, reader])
-        units = _units(self.source, self.columns)
+        units = self.units
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
             units = [units[i] for i in order]
@@ -118,7 +144,7 @@ class DeltaBatches(IterableDataset):
         buffered: list[pa.RecordBatch] = []
         rows = 0
         for unit, offset, stride in mine:
-            for batch in unit.to_batches(columns=self.columns):
+            for batch in unit.read(self.columns):
                 if stride > 1:
                     batch = batch.take(pa.array(np.arange(offset, batch.num_rows, stride)))
                 buffered.append(batch)

@@ -200,13 +200,14 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                 loss_sum += (float(loss.detach()), 1.0)
         loss_sum = _all_sum(loss_sum, rank)
         metrics = evaluate(task, model, job.validation, job, rank)
-        record = {"epoch": state.epoch, "train_loss": loss_sum[0] / max(loss_sum[1], 1.0),
-                  **{f"val_{k}": v for k, v in metrics.items()},
+        # Plain floats: checkpoints are loaded with weights_only=True, which refuses numpy scalars.
+        record = {"epoch": state.epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1.0)),
+                  **{f"val_{k}": float(v) for k, v in metrics.items()},
                   "epoch_seconds": time.perf_counter() - started}
         state.history.append(record)
         improved = metrics[job.stop_metric] > state.best
         if improved:
-            state.best, state.best_epoch, state.waited = metrics[job.stop_metric], state.epoch, 0
+            state.best, state.best_epoch, state.waited = record[f"val_{job.stop_metric}"], state.epoch, 0
         else:
             state.waited += 1
         state.epoch += 1

@@ -1,0 +1,297 @@
+"""Training end to end on tiny synthetic data: TorchDistributor DDP, MLflow, registry gating,
+resume after a real kill, evaluation, baselines and bad input."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, TRAIN
+from recsys_spark.generate import GeneratorConfig, write_log
+from recsys_spark.training.batches import EvalBatch, SequenceBatch
+from recsys_spark.training.tasks import TASKS, LossModule, LossOptions, ModelSpec
+from tests.conftest import REPO, make_settings, run_cli
+
+REGISTERED = "recsys-recommender"
+TINY = [
+    "--set", "training.epochs=3",
+    "--set", "training.batch_size=64",
+    "--set", "training.sasrec.dim=16",
+    "--set", "training.sasrec.ffn_dim=32",
+    "--set", "training.mf.dim=16",
+    "--set", "training.two_tower.dim=16",
+    "--set", "training.two_tower.hidden=32",
+    "--set", "logging.level=WARNING",
+]
+UNTRAINED = ["--set", "training.learning_rate=1e-7", "--set", "training.epochs=1",
+             "--set", "training.num_processes=1"]
+
+
+@pytest.fixture(scope="module")
+def gold_root(spark, tmp_path_factory) -> str:
+    from recsys_spark.cli import main
+
+    folder = tmp_path_factory.mktemp("training")
+    log = folder / "events.csv"
+    write_log(GeneratorConfig(users=300, items=200, days=10, seed=3), log)
+    root = str(folder / "lake")
+    quiet = ["--set", "logging.level=WARNING"]
+    assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
+    assert main(["features", "--root", root, *quiet]) == 0
+    return root
+
+
+def store(tmp_path: Path) -> list[str]:
+    """A private MLflow store per test, so registry assertions see only that test's models."""
+    return ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "--set", f"mlflow.artifact_location={(tmp_path / 'artifacts').as_uri()}"]
+
+
+def client_for(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def train(capsys, root: str, tmp_path: Path, *extra: str) -> dict:
+    code, result, err = run_cli(capsys, "train", "--root", root, "--json", *TINY, *store(tmp_path), *extra)
+    assert code == 0, err[-3000:]
+    return result
+
+
+# --- models and tasks: plain PyTorch ---------------------------------------------------------------
+
+
+def test_models_package_is_plain_pytorch() -> None:
+    forbidden = {"pyspark", "mlflow", "recsys_spark", "pandas", "pyarrow", "deltalake"}
+    for path in (REPO / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def _batch(num_items: int, rows: int = 16, length: int = 8) -> SequenceBatch:
+    generator = torch.Generator().manual_seed(0)
+    items = torch.randint(1, num_items + 1, (rows, length + 1), generator=generator)
+    items[:4, :3] = 0  # some left padding
+    inputs, targets = items[:, :-1], torch.where(items[:, :-1] > 0, items[:, 1:], 0)
+    zeros = torch.zeros_like(inputs)
+    return SequenceBatch(users=torch.arange(rows), inputs=inputs, targets=targets, behaviors=zeros, gaps=zeros)
+
+
+@pytest.mark.parametrize("name,loss", [(n, "full_softmax") for n in TASKS] + [("sasrec", "sampled_softmax")])
+def test_every_model_learns_a_fixed_batch_and_scores_the_catalogue(name: str, loss: str) -> None:
+    torch.manual_seed(0)
+    hyper = {"sasrec": {"dim": 16, "heads": 2, "ffn_dim": 32, "dropout": 0.0},
+             "two_tower": {"dim": 16, "hidden": 32, "dropout": 0.0}, "mf": {"dim": 16}}[name]
+    spec = ModelSpec(name=name, num_items=50, num_users=16, max_length=8, hyperparameters=hyper,
+                     num_categories=5, item_categories=np.arange(51) % 6)
+    task = TASKS[name]
+    model = task.build(spec)
+    log_q = torch.full((50,), -float(np.log(50)))
+    module = LossModule(task, model, log_q, LossOptions(loss, 20, torch.Generator().manual_seed(1)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _batch(50)
+    losses = []
+    for _ in range(40):
+        value = module(batch)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(float(value.detach()))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    model.eval()
+    evaluation = EvalBatch(users=batch.users, inputs=batch.inputs, behaviors=batch.behaviors, gaps=batch.gaps,
+                           targets=batch.targets[:, -1:] - 1, seen=torch.full((16, 1), -1))
+    scores = task.scores(model, evaluation)
+    assert scores.shape == (16, 50) and torch.isfinite(scores).all()
+
+
+# --- recsys train: DDP, MLflow, registry -------------------------------------------------------------
+
+
+def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path, capsys) -> None:
+    client = client_for(tmp_path)
+    first = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)
+    assert first["model_version"] == "1" and first["promoted"]  # no champion yet
+
+    better = train(capsys, gold_root, tmp_path, "--model", "sasrec")  # 2 DDP ranks by default
+    for key in ("run_id", "model_name", "model_version", "hit@5", "ndcg@5", "hit@10", "ndcg@10",
+                "hit@20", "ndcg@20", "mrr", "coverage@10"):
+        assert key in better
+    assert better["world_size"] == 2 and better["model_name"] == "sasrec"
+    assert better["ndcg@10"] > first["ndcg@10"]
+    assert better["promoted"] and better["champion_version"] == "1"
+    assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "2"
+
+    run = client.get_run(better["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.sasrec.dim"] == "16"
+    assert run.data.params["data.version"] == "0" and run.data.params["data.protocol"] == "temporal"
+    assert "test_ndcg_at_10" in run.data.metrics and "best_val_ndcg_at_10" in run.data.metrics
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    artifacts = {a.path for folder in ("plots", "config", "data") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"plots/learning_curves.png", "plots/metrics_at_k.png", "config/resolved.json",
+            "data/versions.json"} <= artifacts
+
+    worse = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)
+    assert not worse["promoted"]
+    assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(REGISTERED, "challenger").version) == "3"
+    tags = client.get_model_version(REGISTERED, "3").tags
+    assert tags["gate.decision"] == "kept champion" and tags["gate.champion_version"] == "2"
+    assert abs(float(tags["gate.champion_value"]) - better["ndcg@10"]) < 1e-6  # same eval set
+
+    # the registered pyfunc maps raw ids in and out and never returns the history
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion")
+    history = _some_item_ids(gold_root)
+
+    out = champion.predict(pd.DataFrame({"history": [history], "user_id": [1]}), params={"k": 7})
+    assert len(out["item_ids"][0]) == 7 and not set(out["item_ids"][0]) & set(history)
+
+    code, result, err = run_cli(capsys, "promote", "--version", "3", "--root", gold_root, "--json", *store(tmp_path))
+    assert code == 0, err
+    assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
+    code, result, err = run_cli(capsys, "evaluate", "--root", gold_root, "--json", *TINY, *store(tmp_path))
+    assert code == 0, err
+    assert result["ndcg@10"] == pytest.approx(worse["ndcg@10"], abs=1e-9)  # Spark eval == training eval
+
+
+def _some_item_ids(root: str) -> list[int]:
+    from deltalake import DeltaTable
+
+    items = DeltaTable(f"{root}/silver/item_index").to_pyarrow_table(columns=["item_id"])
+    return items.column("item_id").to_pylist()[:5]
+
+
+def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: Path, capsys) -> None:
+    epochs = 40
+    settings = ["--root", gold_root, *TINY, *store(tmp_path), "--set", f"training.epochs={epochs}",
+                "--set", "training.patience=1000", "--set", "training.num_processes=1"]
+    checkpoints = Path(gold_root) / "_work" / "checkpoints"
+    before = set(checkpoints.glob("*")) if checkpoints.exists() else set()
+    process = subprocess.Popen([sys.executable, "-m", "recsys_spark.cli", "train", "--model", "sasrec", *settings],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    epoch = 0
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            started = [p for p in checkpoints.glob("*") if p not in before and (p / "last.pt").exists()]
+            if started:
+                try:
+                    epoch = torch.load(started[0] / "last.pt", weights_only=True)["epoch"]
+                except (RuntimeError, EOFError, FileNotFoundError):
+                    epoch = 0
+                if epoch >= 2:
+                    break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and its torchrun ranks, mid-training
+        process.wait()
+    assert epoch >= 2, "training never checkpointed"
+    run_id = started[0].name
+    killed_at = torch.load(started[0] / "last.pt", weights_only=True)["epoch"]
+    assert killed_at < epochs
+    assert client_for(tmp_path).get_run(run_id).info.status == "RUNNING"
+
+    code, result, err = run_cli(capsys, "train", "--model", "sasrec", "--resume", run_id, "--json", *settings)
+    assert code == 0, err[-3000:]
+    assert result["run_id"] == run_id and result["epochs_run"] == epochs
+    assert client_for(tmp_path).get_run(run_id).info.status == "FINISHED"
+    history = client_for(tmp_path).get_metric_history(run_id, "train_loss")
+    assert {m.step for m in history} == set(range(epochs))  # no epoch lost across the kill
+
+
+def test_train_json_from_library_matches_cli_contract_for_two_tower(gold_root: str, tmp_path: Path, capsys) -> None:
+    result = train(capsys, gold_root, tmp_path, "--model", "two_tower", "--set", "training.num_processes=1",
+                   "--set", "training.epochs=2")
+    assert result["model_name"] == "two_tower" and 0 <= result["ndcg@10"] <= 1
+
+
+# --- baselines -----------------------------------------------------------------------------------------
+
+
+def test_baselines_log_to_the_models_experiment(gold_root: str, tmp_path: Path, capsys) -> None:
+    code, result, err = run_cli(capsys, "baselines", "popularity", "itemcf", "--root", gold_root, "--json",
+                                *TINY, *store(tmp_path))
+    assert code == 0, err
+    assert [r["baseline"] for r in result["baselines"]] == ["popularity", "itemcf"]
+    client = client_for(tmp_path)
+    experiment = client.get_experiment_by_name("recsys")
+    runs = client.search_runs([experiment.experiment_id], "tags.`recsys.kind` = 'baseline'")
+    assert len(runs) == 2 and all("test_ndcg_at_10" in r.data.metrics for r in runs)
+    assert result["baselines"][0]["test"]["coverage@10"] <= 10 / 200  # one list for everyone
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def _registry_is_empty(tmp_path: Path) -> bool:
+    if not (tmp_path / "mlflow.db").exists():
+        return True
+    return not client_for(tmp_path).search_registered_models()
+
+
+def test_missing_gold_table_fails_clearly(spark, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--root", str(tmp_path / "empty"), *TINY, *store(tmp_path))
+    assert code != 0 and "recsys features" in err
+    assert _registry_is_empty(tmp_path)
+
+
+def test_empty_gold_table_fails_clearly(spark, gold_root: str, tmp_path: Path, capsys) -> None:
+    from recsys_spark.storage import open_lakehouse
+
+    source = open_lakehouse(spark, make_settings(Path(gold_root)))
+    target = open_lakehouse(spark, make_settings(tmp_path / "lake"))
+    meta = source.commit_metadata(GOLD_TRAINING_EXAMPLES, source.version(GOLD_TRAINING_EXAMPLES))
+    target.write(source.read(GOLD_TRAINING_EXAMPLES).limit(0), GOLD_TRAINING_EXAMPLES,
+                 partition_by=("split",), commit_info=meta)
+    code, _, err = run_cli(capsys, "train", "--root", str(tmp_path / "lake"), *TINY, *store(tmp_path))
+    assert code != 0 and f"no {TRAIN}ing rows" in err
+    assert _registry_is_empty(tmp_path)
+
+
+@pytest.mark.parametrize("override,key", [("training.max_length=0", "training.max_length"),
+                                          ("features.max_sequence_length=-1", "features.max_sequence_length"),
+                                          ("training.sasrec.heads=3", "training.sasrec")])
+def test_config_that_cannot_fit_fails_before_anything(override: str, key: str, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--root", str(tmp_path), "--set", override, *store(tmp_path))
+    assert code != 0 and key in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unknown_model_is_rejected(gold_root: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, "train", "--model", "gpt", "--root", gold_root)
+    assert exit_info.value.code == 2
+    from recsys_spark.errors import ConfigError
+    from recsys_spark.training.runner import resolve_model
+
+    with pytest.raises(ConfigError, match="unknown model 'gpt'"):
+        resolve_model(make_settings(tmp_path), "gpt")
+
+
+def test_unreachable_tracking_store_fails_fast(gold_root: str, tmp_path: Path, capsys) -> None:
+    started = time.monotonic()
+    code, _, err = run_cli(capsys, "train", "--root", gold_root, *TINY,
+                           "--set", "mlflow.tracking_uri=http://127.0.0.1:9")
+    assert code != 0 and "unreachable" in err
+    assert time.monotonic() - started < 60
