@@ -28,8 +28,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# About 1.5 hours on 2 cores; quality needs ../shared/data/amazon_toys_sequences.txt.
 bench: setup
 	$(PY) bench/etl.py
+	$(PY) bench/loader.py
+	$(PY) bench/nearline.py
+	$(PY) bench/quality.py
 
 # The MLflow UI over this lakehouse's tracking store (ROOT=... for another lakehouse).
 mlflow-ui: setup

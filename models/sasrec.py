@@ -22,7 +22,7 @@ class SASRecConfig:
     heads: int = 2
     blocks: int = 2
     ffn_dim: int = 128
-    dropout: float = 0.2
+    dropout: float = 0.5
     use_behaviors: bool = False
     num_behaviors: int = 4
     use_gaps: bool = False

@@ -101,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     ui = command("ui", _ui, "open the MLflow UI on 127.0.0.1 for this lakehouse's tracking store")
     ui.add_argument("--port", type=_positive_int, default=5000)
 
+    command("score-batch", _score_batch, "write every user's top-K from the champion to serving/recommendations")
+
+    stream = command("stream", _stream, "run the nearline streaming query until stopped")
+    stream.add_argument("--landing", help="landing folder (default: serving.stream.landing)")
+    stream.add_argument("--format", choices=("taobao", "jsonl"), help="default: serving.stream.format")
+    stream.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop after this long without new data")
+    stream.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
+
+    rep = command("replay", _replay, "write a log into a landing folder at a steady pace")
+    rep.add_argument("--input", required=True)
+    rep.add_argument("--format", choices=("taobao", "jsonl"), required=True)
+    rep.add_argument("--landing", required=True)
+    pace = rep.add_mutually_exclusive_group(required=True)
+    pace.add_argument("--rate", type=float, metavar="EVENTS_PER_S")
+    pace.add_argument("--speedup", type=float, metavar="X", help="the log's own timing, X times faster")
+    rep.add_argument("--keep-time", action="store_true", help="keep original event times")
+    rep.add_argument("--limit", type=_positive_int, help="replay only the first N lines")
+
+    rec = command("recommend", _recommend, "show a user's current recommendations")
+    rec.add_argument("--user", type=int, required=True, help="raw user id")
+    rec.add_argument("--k", type=_positive_int, default=10)
+
     conf = command("config", _config, "print the resolved configuration")
     conf.add_argument("--explain", action="store_true", help="list every key with its help")
 
@@ -324,6 +346,53 @@ def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--host", "127.0.0.1", "--port", str(args.port)]
     return {"exit_code": subprocess.call(command), "tracking_uri": uri}
+
+
+def _score_batch(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.serving.scoring import score_all_users
+
+    spark, lake = _session(settings)
+    report = score_all_users(spark, lake, settings)
+    _say(args, f"{report['users']:,} users scored with {report['model_name']} v{report['model_version']}: "
+               f"coverage {report['catalogue_coverage']:.1%}, intra-list diversity "
+               f"{report['intra_list_diversity']:.3f}")
+    return report
+
+
+def _stream(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.serving.streaming import run_stream
+
+    if args.landing:
+        settings.serving.stream.landing = args.landing
+    if args.format:
+        settings.serving.stream.format = args.format
+    spark, lake = _session(settings)
+    report = run_stream(spark, lake, settings, until_idle=args.until_idle, timeout=args.timeout)
+    _say(args, f"stream stopped after {report['batches']} micro-batches ({report['seconds']}s)")
+    return report
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.serving.replay import replay
+
+    report = replay(args.input, args.format, args.landing, rate=args.rate, speedup=args.speedup,
+                    keep_time=args.keep_time, limit=args.limit)
+    _say(args, f"replayed {report.events:,} events in {report.files} files over {report.seconds:.1f}s "
+               f"({report.rate:.0f}/s) into {report.landing}")
+    return {"events": report.events, "files": report.files, "seconds": round(report.seconds, 2),
+            "rate": round(report.rate, 1), "landing": report.landing}
+
+
+def _recommend(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.serving.lookup import RecommendationLookup
+
+    result = RecommendationLookup(settings.root, refresh_seconds=settings.serving.lookup_refresh_seconds,
+                                  cold_start_k=settings.serving.k).get(args.user, args.k)
+    origin = "cold start (popular items)" if result.cold_start else (
+        f"{result.source}, model v{result.model_version}, {result.generated_at:%Y-%m-%d %H:%M:%S}")
+    _say(args, f"user {result.user_id}: {origin}")
+    _say(args, "  " + " ".join(str(i) for i in result.item_ids))
+    return result.as_dict()
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

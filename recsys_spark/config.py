@@ -147,7 +147,7 @@ class SASRecSettings(_Section):
     heads: int = Field(2, gt=0, description="Attention heads (dim must divide by it).")
     blocks: int = Field(2, gt=0, description="Transformer blocks.")
     ffn_dim: int = Field(128, gt=0, description="Feed-forward width.")
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.5, ge=0, lt=1, description="High: sparse e-commerce data overfits fast.")
     use_behaviors: bool = Field(False, description="Add behaviour-type embeddings.")
     use_gaps: bool = Field(False, description="Add log-bucketed time-gap embeddings.")
 
@@ -180,6 +180,9 @@ class TrainingSettings(_Section):
     epochs: int = Field(200, gt=0, description="Upper bound; early stopping usually ends first.")
     patience: int = Field(
         10, gt=0, description="Stop after this many evaluations without a better validation metric."
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="Time budget: no new epoch starts after this (the best epoch is kept)."
     )
     batch_size: int = Field(128, gt=0, description="Global batch size, split across ranks.")
     learning_rate: float = Field(1e-3, gt=0)
@@ -238,6 +241,42 @@ class MlflowSettings(_Section):
     )
 
 
+class StreamSettings(_Section):
+    source: Literal["files", "kafka"] = Field(
+        "files", description="files: a landing folder; kafka: a topic (needs the Kafka connector jars)."
+    )
+    landing: str | None = Field(None, description="Landing folder of event files (default <root>/_landing).")
+    format: Literal["taobao", "jsonl"] = Field("jsonl", description="Format of the landed events.")
+    checkpoint: str | None = Field(
+        None, description="Streaming checkpoint (default <root>/_checkpoints/nearline)."
+    )
+    trigger_seconds: float = Field(1.0, gt=0, description="Micro-batch interval.")
+    max_files_per_trigger: int = Field(100, gt=0, description="Landing files read per micro-batch.")
+    app_id: str = Field(
+        "recsys-nearline", description="Delta application id recording committed micro-batches."
+    )
+    kafka_bootstrap_servers: str | None = None
+    kafka_topic: str | None = None
+
+
+class ServingSettings(_Section):
+    k: int = Field(50, gt=0, description="Items written per user.")
+    exclude_bought: bool = Field(True, description="Never recommend what the user already bought.")
+    category_allow: list[int] | None = Field(None, description="Only these categories (null: all).")
+    category_deny: list[int] = Field(default_factory=list, description="Never these categories.")
+    diversity_lambda: float = Field(
+        0.0, ge=0, le=1, description="MMR trade-off: 0 pure relevance, 1 pure diversity."
+    )
+    diversity_by: Literal["category", "embedding"] = Field(
+        "category", description="Similarity used by MMR: same category, or item-embedding cosine."
+    )
+    candidates: int = Field(200, gt=0, description="Top candidates re-ranked by the rules.")
+    lookup_refresh_seconds: float = Field(
+        1.0, gt=0, description="How often the lookup cache checks for a new table version."
+    )
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field(
@@ -257,6 +296,7 @@ class Settings(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("root")

@@ -69,7 +69,11 @@ GOLD_USER_FEATURES: Final = "gold/user_features"
 GOLD_ITEM_FEATURES: Final = "gold/item_features"
 GOLD_USER_SEQUENCES: Final = "gold/user_sequences"
 GOLD_TRAINING_EXAMPLES: Final = "gold/training_examples"
+SERVING_RECOMMENDATIONS: Final = "serving/recommendations"
+SERVING_ITEM_EMBEDDINGS: Final = "serving/item_embeddings"
+SERVING_USER_STATE: Final = "serving/user_state"
 OPS_INGEST_RUNS: Final = "ops/ingest_runs"
+OPS_STREAM_METRICS: Final = "ops/stream_metrics"
 OPS_FEATURE_RUNS: Final = "ops/feature_runs"
 
 # --- split protocol -------------------------------------------------------------------------------

@@ -68,3 +68,17 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict |
     lines = captured.out.strip().splitlines()
     result = json.loads(lines[-1]) if lines and "--json" in argv and code == 0 else None
     return code, result, captured.err
+
+
+def build_gold_lakehouse(folder: Path, *, users: int, items: int, seed: int) -> str:
+    """A lakehouse with ingested synthetic events and gold tables, built through the CLI."""
+    from recsys_spark.cli import main
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    log = folder / "events.csv"
+    write_log(GeneratorConfig(users=users, items=items, days=10, seed=seed), log)
+    root = str(folder / "lake")
+    quiet = ["--set", "logging.level=WARNING"]
+    assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
+    assert main(["features", "--root", root, *quiet]) == 0
+    return root

@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, TRAIN
-from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.training.batches import EvalBatch, SequenceBatch
 from recsys_spark.training.tasks import TASKS, LossModule, LossOptions, ModelSpec
-from tests.conftest import REPO, make_settings, run_cli
+from tests.conftest import REPO, build_gold_lakehouse, make_settings, run_cli
 
 REGISTERED = "recsys-recommender"
 TINY = [
@@ -39,16 +38,7 @@ UNTRAINED = ["--set", "training.learning_rate=1e-7", "--set", "training.epochs=1
 
 @pytest.fixture(scope="module")
 def gold_root(spark, tmp_path_factory) -> str:
-    from recsys_spark.cli import main
-
-    folder = tmp_path_factory.mktemp("training")
-    log = folder / "events.csv"
-    write_log(GeneratorConfig(users=300, items=200, days=10, seed=3), log)
-    root = str(folder / "lake")
-    quiet = ["--set", "logging.level=WARNING"]
-    assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
-    assert main(["features", "--root", root, *quiet]) == 0
-    return root
+    return build_gold_lakehouse(tmp_path_factory.mktemp("training"), users=300, items=200, seed=3)
 
 
 def store(tmp_path: Path) -> list[str]:
@@ -118,6 +108,7 @@ def test_every_model_learns_a_fixed_batch_and_scores_the_catalogue(name: str, lo
                            targets=batch.targets[:, -1:] - 1, seen=torch.full((16, 1), -1))
     scores = task.scores(model, evaluation)
     assert scores.shape == (16, 50) and torch.isfinite(scores).all()
+    assert task.item_embeddings(model).shape[0] == 50
 
 
 # --- recsys train: DDP, MLflow, registry -------------------------------------------------------------

@@ -21,6 +21,8 @@ from pathlib import Path
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from recsys_spark.config import Settings
 from recsys_spark.constants import LAYERS
 from recsys_spark.errors import EngineUnavailableError, TableNotFoundError
@@ -133,7 +135,7 @@ class Lakehouse:
 
     def upsert(
         self,
-        df: DataFrame,
+        df: DataFrame | pa.Table,
         table: str,
         *,
         keys: Sequence[str],
@@ -144,10 +146,14 @@ class Lakehouse:
     ) -> CommitResult:
         """MERGE on ``keys``: matched rows are replaced (when ``update_condition`` holds, written
         over aliases ``t`` for the table and ``s`` for ``df``), the rest inserted. Creates the
-        table, partitioned by ``partition_by``, on first use.
+        table, partitioned by ``partition_by``, on first use. ``df`` may be an Arrow table (small
+        driver-side batches such as a micro-batch's users): delta-rs then merges it without a
+        round trip through Spark.
         """
         path = self.path(table)
         if not self.engine.exists(path):
+            if isinstance(df, pa.Table):
+                df = self.engine.spark.createDataFrame(df)
             return self.engine.write(
                 df,
                 path,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import pyarrow as pa
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
@@ -83,7 +85,7 @@ class TableEngine(ABC):
     @abstractmethod
     def upsert(
         self,
-        df: DataFrame,
+        df: DataFrame | pa.Table,
         path: str,
         *,
         keys: Sequence[str],

@@ -191,7 +191,7 @@ class DeltaRsEngine(TableEngine):
 
     def upsert(
         self,
-        df: DataFrame,
+        df: DataFrame | pa.Table,
         path: str,
         *,
         keys: Sequence[str],
@@ -210,7 +210,7 @@ class DeltaRsEngine(TableEngine):
         if replayed is not None:
             return replayed
         target_schema = table.schema().to_arrow()
-        source = df.toArrow()
+        source = df if isinstance(df, pa.Table) else df.toArrow()
         if source.num_rows == 0:
             return CommitResult(version=table.version(), rows_written=0)
         try:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from deltalake import DeltaTable as DeltaRsTable
 
 from recsys_spark.errors import CommitFailedError, TableNotFoundError
@@ -117,7 +118,7 @@ class DeltaSparkEngine(TableEngine):
 
     def upsert(
         self,
-        df: DataFrame,
+        df: DataFrame | pa.Table,
         path: str,
         *,
         keys: Sequence[str],
@@ -125,6 +126,8 @@ class DeltaSparkEngine(TableEngine):
         idempotency: Idempotency | None,
         commit_info: dict[str, str],
     ) -> CommitResult:
+        if isinstance(df, pa.Table):
+            df = self.spark.createDataFrame(df)
         before = self.version(path)
         merge = (
             self._table(path)

@@ -48,6 +48,7 @@ class TrainJob:
     checkpoint_dir: str
     epochs: int = 200
     patience: int = 10
+    max_minutes: float | None = None
     batch_size: int = 128
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -184,6 +185,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                            world_size=rank.world, bucket_by="history_items")
     collate = partial(sequence_batch, max_length=job.spec.max_length)
     stopped_early = False
+    deadline = None if job.max_minutes is None else time.monotonic() + 60 * job.max_minutes
     while state.epoch < job.epochs:
         started = time.perf_counter()
         batches.set_epoch(state.epoch)
@@ -223,6 +225,11 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
             dist.barrier()  # checkpoints are on disk before any rank moves on
         if state.waited >= job.patience:
             stopped_early = True
+            break
+        # every rank must take the same decision, or the others would wait in a collective forever
+        if deadline is not None and _all_sum(np.array([float(time.monotonic() >= deadline)]), rank)[0] > 0:
+            if rank.leader:
+                log_event(log, "train.time_budget", minutes=job.max_minutes, epochs=state.epoch)
             break
 
     model.load_state_dict(torch.load(folder / BEST, map_location=rank.device, weights_only=True))

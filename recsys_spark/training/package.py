@@ -111,6 +111,11 @@ class RecommenderModel(PythonModel):
         with torch.no_grad():
             return self.task.scores(self.model, batch)
 
+    def item_embeddings(self) -> np.ndarray:
+        """(I, D) item vectors of this model (row i = item index i)."""
+        with torch.no_grad():
+            return self.task.item_embeddings(self.model).float().numpy()
+
     def item_index(self, raw_ids: np.ndarray) -> np.ndarray:
         """Raw item ids -> dense indices, -1 for items this model does not know."""
         return _find(self._item_sorted, self._item_order, raw_ids)

@@ -267,7 +267,7 @@ def _train_job(settings: Settings, spec: ModelSpec, data: TrainingData, run_id: 
     t = settings.training
     return TrainJob(
         spec=spec, train=data.slice(TRAIN), validation=data.slice(VALIDATION), test=data.slice(TEST),
-        checkpoint_dir=str(checkpoint_dir(settings, run_id)), epochs=t.epochs, patience=t.patience,
+        checkpoint_dir=str(checkpoint_dir(settings, run_id)), epochs=t.epochs, patience=t.patience, max_minutes=t.max_minutes,
         batch_size=t.batch_size, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, loss=t.loss, num_negatives=t.num_negatives, seed=t.seed,
         buffer_rows=t.buffer_rows, prefetch_batches=t.prefetch_batches, ks=tuple(settings.evaluation.ks),

@@ -68,6 +68,8 @@ class Task(Protocol):
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor: ...
 
+    def item_embeddings(self, model: nn.Module) -> torch.Tensor: ...
+
 
 def _softmax_loss(
     hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor, options: LossOptions
@@ -94,6 +96,9 @@ class SASRecTask:
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
         return model.score(model.last_hidden(batch.inputs, batch.behaviors, batch.gaps))
+
+    def item_embeddings(self, model: nn.Module) -> torch.Tensor:
+        return model.items.catalogue()
 
 
 class TwoTowerTask:
@@ -123,6 +128,9 @@ class TwoTowerTask:
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
         return model.score(batch.inputs)
 
+    def item_embeddings(self, model: nn.Module) -> torch.Tensor:
+        return model.catalogue()
+
 
 class MFTask:
     """Every (user, item) of the training sequences is a positive; softmax over items."""
@@ -150,6 +158,9 @@ class MFTask:
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
         return model.score(batch.users)
+
+    def item_embeddings(self, model: nn.Module) -> torch.Tensor:
+        return model.items.weight[1:]
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (SASRecTask(), TwoTowerTask(), MFTask())}

@@ -1,0 +1,212 @@
+"""The champion model plus business rules: histories in, ranked raw item ids out.
+
+``RuleScorer`` is the one scoring path of batch (``score_all_users``, distributed with
+``mapInPandas``: each Python worker loads the champion once) and nearline (the streaming sink).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from pyspark.sql import functions as F
+
+from recsys_spark.config import Settings
+from recsys_spark.constants import (
+    BEHAVIOR,
+    CATEGORY_ID,
+    GOLD_ITEM_FEATURES,
+    GOLD_USER_SEQUENCES,
+    ITEM_ID,
+    ITEM_IDX,
+    SERVING_ITEM_EMBEDDINGS,
+    SERVING_RECOMMENDATIONS,
+    SILVER_EVENTS,
+    USER_ID,
+    USER_IDX,
+)
+from recsys_spark.errors import RecsysError
+from recsys_spark.evaluation.evaluate import load_registered
+from recsys_spark.logs import get_logger, log_event
+from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
+from recsys_spark.storage import Lakehouse
+from recsys_spark.tracking import CHAMPION, alias_version, connect, model_uri, tracking_uri
+from recsys_spark.training.batches import EvalBatch
+from recsys_spark.training.data import pad_left
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = get_logger("serving")
+
+BATCH = "batch"
+NEARLINE = "nearline"
+RECOMMENDATION_SCHEMA = (
+    "user_id long, user_idx int, item_ids array<long>, scores array<float>, model_name string, "
+    "model_version string, generated_at timestamp, last_event_ts timestamp, stream_batch_id long, "
+    "intra_list_diversity double, source string"
+)
+
+
+class NoChampionError(RecsysError):
+    """The registry has no champion to serve."""
+
+
+@dataclass
+class Champion:
+    """A registry version of the model, as loaded for serving."""
+
+    version: str
+    model: Any  # RecommenderModel
+
+    @property
+    def name(self) -> str:
+        return self.model.spec.name
+
+
+def champion_version(settings: Settings) -> str:
+    found = alias_version(connect(settings), settings.mlflow.registered_model, CHAMPION)
+    if found is None:
+        raise NoChampionError(
+            f"registered model {settings.mlflow.registered_model!r} has no champion: run `recsys train`"
+        )
+    return str(found.version)
+
+
+def load_champion(settings: Settings, version: str | None = None) -> Champion:
+    version = version or champion_version(settings)
+    return Champion(version, load_registered(model_uri(settings, version=version), tracking_uri(settings)))
+
+
+def item_categories(lake: Lakehouse, num_items: int) -> np.ndarray:
+    """(I,) raw category id of items 0..I-1 (-1 unknown), from gold/item_features."""
+    categories = np.full(num_items, -1, dtype=np.int64)
+    if lake.exists(GOLD_ITEM_FEATURES):
+        rows = lake.read(GOLD_ITEM_FEATURES).select(ITEM_IDX, CATEGORY_ID).filter(
+            F.col(ITEM_IDX) < num_items).toArrow()
+        index = rows.column(ITEM_IDX).to_numpy()
+        categories[index] = rows.column(CATEGORY_ID).fill_null(-1).to_numpy()
+    return categories
+
+
+@dataclass
+class RuleScorer:
+    """Score histories with a champion and apply the business rules."""
+
+    champion: Champion
+    catalogue: Catalogue
+    rules: BusinessRules
+
+    @classmethod
+    def build(cls, lake: Lakehouse, settings: Settings, champion: Champion) -> RuleScorer:
+        rules = BusinessRules.from_settings(settings.serving)
+        embeddings = champion.model.item_embeddings() if rules.diversity_by == "embedding" else None
+        return cls(champion, Catalogue(item_categories(lake, champion.model.num_items), embeddings), rules)
+
+    def recommend(
+        self, histories: list[np.ndarray], users: np.ndarray, bought: list[np.ndarray]
+    ) -> tuple[list[list[int]], list[list[float]], np.ndarray]:
+        """Histories and purchases as item indices (oldest first) -> raw ids, scores, diversity."""
+        model = self.champion.model
+        length = model.spec.max_length
+        inputs = pad_left(pa.array([h.astype(np.int64) for h in histories], pa.list_(pa.int64())), length,
+                          shift=1)
+        tensor = torch.from_numpy(inputs)
+        zeros = torch.zeros_like(tensor)
+        empty = torch.full((len(histories), 1), -1)
+        known_users = np.where(users < model.spec.num_users, users, -1)
+        batch = EvalBatch(users=torch.from_numpy(known_users.astype(np.int64)), inputs=tensor, behaviors=zeros,
+                          gaps=zeros, targets=empty, seen=empty)
+        indices, values = apply_rules(model.score_batch(batch), bought, self.catalogue, self.rules)
+        diversity = intra_list_diversity(indices, self.catalogue.categories)
+        raw = model.item_ids
+        items = [raw[row[row >= 0]].tolist() for row in indices]
+        scores = [row[np.isfinite(row)].astype(float).tolist() for row in values]
+        return items, scores, diversity
+
+
+# --- batch scoring ------------------------------------------------------------------------------
+
+_SCORERS: dict[str, RuleScorer] = {}
+
+
+def _score_partition(
+    frames: Iterator[pd.DataFrame], *, settings: Settings, version: str, catalogue: Catalogue,
+    rules: BusinessRules, generated_at: datetime,
+) -> Iterator[pd.DataFrame]:
+    key = f"{settings.mlflow.registered_model}/{version}"
+    if key not in _SCORERS:  # once per Python worker, reused by every partition it scores
+        _SCORERS[key] = RuleScorer(load_champion(settings, version), catalogue, rules)
+    scorer = _SCORERS[key]
+    for frame in frames:
+        histories = [np.asarray(h, dtype=np.int64) for h in frame["items"]]
+        bought = [np.asarray(b if b is not None else [], dtype=np.int64) for b in frame["bought"]]
+        items, scores, diversity = scorer.recommend(histories, frame[USER_IDX].to_numpy(), bought)
+        yield pd.DataFrame({
+            USER_ID: frame[USER_ID], USER_IDX: frame[USER_IDX], "item_ids": items, "scores": scores,
+            "model_name": scorer.champion.name, "model_version": version, "generated_at": generated_at,
+            "last_event_ts": frame["last_event_ts"], "stream_batch_id": None,
+            "intra_list_diversity": diversity, "source": BATCH,
+        })
+
+
+def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) -> dict[str, Any]:
+    """Top-K for every user of gold/user_sequences into serving/recommendations (source=batch),
+    replacing the previous batch rows in one commit; nearline rows are left alone."""
+    started = time.perf_counter()
+    champion = load_champion(settings)
+    scorer = RuleScorer.build(lake, settings, champion)
+    bought = (lake.read(SILVER_EVENTS).filter(F.col(BEHAVIOR) == "buy")
+              .groupBy(USER_IDX).agg(F.collect_set(ITEM_IDX).alias("bought")))
+    users = lake.read(GOLD_USER_SEQUENCES).select(USER_IDX, USER_ID, "items", "last_event_ts")
+    job = partial(_score_partition, settings=settings, version=champion.version, catalogue=scorer.catalogue,
+                  rules=scorer.rules, generated_at=datetime.now(UTC))
+    rows = users.join(bought, USER_IDX, "left").mapInPandas(job, RECOMMENDATION_SCHEMA)
+    written = lake.write(rows, SERVING_RECOMMENDATIONS, mode="overwrite", partition_by=("source",),
+                         partition_filters=[("source", "=", BATCH)],
+                         commit_info={"model_version": champion.version})
+    batch_rows = lake.read(SERVING_RECOMMENDATIONS, version=written.version).filter(F.col("source") == BATCH)
+    stats = batch_rows.agg(
+        F.count("*").alias("users"),
+        F.count_distinct(USER_ID).alias("distinct_users"),
+        F.avg("intra_list_diversity").alias("diversity"),
+        F.avg(F.size("item_ids")).alias("mean_k"),
+    ).first()
+    distinct_items = batch_rows.select(F.explode("item_ids")).distinct().count()
+    embeddings_version = _write_item_embeddings(spark, lake, champion)
+    report = {
+        "model_name": champion.name,
+        "model_version": champion.version,
+        "users": stats["users"],
+        "distinct_users": stats["distinct_users"],
+        "mean_list_length": round(float(stats["mean_k"] or 0), 2),
+        "catalogue_coverage": round(distinct_items / champion.model.num_items, 4),
+        "intra_list_diversity": round(float(stats["diversity"] or 0), 4),
+        "table_version": written.version,
+        "item_embeddings_version": embeddings_version,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    log_event(log, "score_batch.done", **report)
+    return report
+
+
+def _write_item_embeddings(spark: SparkSession, lake: Lakehouse, champion: Champion) -> int:
+    vectors = champion.model.item_embeddings()
+    ids = champion.model.item_ids
+    table = pa.table({
+        ITEM_IDX: pa.array(np.arange(len(ids)), pa.int32()),
+        ITEM_ID: pa.array(ids, pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
+                                                       vectors.shape[1]).cast(pa.list_(pa.float32())),
+        "model_name": pa.array([champion.name] * len(ids)),
+        "model_version": pa.array([champion.version] * len(ids)),
+    })
+    return lake.write(spark.createDataFrame(table), SERVING_ITEM_EMBEDDINGS, mode="overwrite").version

@@ -1,0 +1,373 @@
+"""``recsys stream``: nearline updates of the serving table with Spark Structured Streaming.
+
+Each micro-batch of landed events (file source; Kafka where its connector is on the classpath)
+goes through ``NearlineSink``:
+
+1. validate exactly like ingest (``parse_lines``): bad lines -> ``quarantine/events`` with their
+   reason, every raw line -> ``bronze/events_raw``;
+2. fold the good events into each touched user's recent history (``serving/user_state``; a user
+   seen for the first time starts from ``gold/user_sequences``);
+3. re-score only the touched users with the registry's champion — re-loaded when the alias
+   moves — through the same business rules as batch scoring, and MERGE their
+   ``source = nearline`` rows into ``serving/recommendations`` (only over rows of an older
+   micro-batch, so a list never regresses);
+4. append the batch's counts and event-time -> commit latencies to ``ops/stream_metrics``.
+
+Exactly once: the checkpoint replays an unfinished micro-batch with the same id and files, and
+every write carries the Delta application transaction (``app_id``, batch id), so a table that
+already committed the batch skips it. State merges are idempotent (events are deduplicated by
+their key), so recomputing a batch whose state was already committed gives the same lists.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from recsys_spark.config import Settings
+from recsys_spark.constants import (
+    BEHAVIOR,
+    BEHAVIORS,
+    BRONZE_EVENTS_RAW,
+    EVENT_TS,
+    GOLD_USER_SEQUENCES,
+    ITEM_ID,
+    ITEM_IDX,
+    OPS_STREAM_METRICS,
+    QUARANTINE_EVENTS,
+    RAW,
+    REASON,
+    SERVING_RECOMMENDATIONS,
+    SERVING_USER_STATE,
+    SILVER_ITEM_INDEX,
+    SILVER_USER_INDEX,
+    SOURCE_FILE,
+    USER_ID,
+    USER_IDX,
+)
+from recsys_spark.errors import ConfigError
+from recsys_spark.ingest.parse import parse_lines
+from recsys_spark.ingest.pipeline import validation_rules
+from recsys_spark.ingest.transforms import bronze_rows, quarantine_rows
+from recsys_spark.logs import get_logger, log_event
+from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
+from recsys_spark.storage import Idempotency, Lakehouse
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+log = get_logger("stream")
+
+TS = pa.timestamp("us", tz="UTC")
+STATE_SCHEMA = pa.schema([
+    pa.field(USER_ID, pa.int64()),
+    pa.field("item_ids", pa.list_(pa.int64())),
+    pa.field("behaviors", pa.list_(pa.string())),
+    pa.field("event_ts", pa.list_(TS)),
+    pa.field("bought", pa.list_(pa.int64())),
+    pa.field("last_event_ts", TS),
+    pa.field("stream_batch_id", pa.int64()),
+    pa.field("updated_at", TS),
+])
+METRICS_SCHEMA = pa.schema([
+    pa.field("batch_id", pa.int64()),
+    pa.field("committed_at", TS),
+    pa.field("rows_in", pa.int64()),
+    pa.field("rows_clean", pa.int64()),
+    pa.field("rows_quarantined", pa.int64()),
+    pa.field("users_updated", pa.int64()),
+    pa.field("latency_p50_s", pa.float64()),
+    pa.field("latency_p95_s", pa.float64()),
+    pa.field("latency_max_s", pa.float64()),
+    pa.field("processing_s", pa.float64()),
+    pa.field("model_version", pa.string()),
+])
+
+
+def landing_dir(settings: Settings) -> str:
+    return settings.serving.stream.landing or f"{settings.root}/_landing"
+
+
+def checkpoint_dir(settings: Settings) -> str:
+    return settings.serving.stream.checkpoint or f"{settings.root}/_checkpoints/nearline"
+
+
+@dataclass
+class UserHistory:
+    item_ids: list[int]
+    behaviors: list[str]
+    event_ts: list[datetime]
+    bought: set[int]
+
+
+def merge_history(history: UserHistory, events: list[tuple[int, str, datetime]], max_length: int) -> UserHistory:
+    """Add events to a history: deduplicated by (item, behaviour, time), time-ordered, the most
+    recent ``max_length`` kept. Merging the same events twice changes nothing."""
+    known = set(zip(history.item_ids, history.behaviors, history.event_ts, strict=True))
+    merged = list(known | set(events))
+    merged.sort(key=lambda e: (e[2], e[0], e[1]))
+    merged = merged[-max_length:]
+    bought = history.bought | {item for item, behavior, _ in events if behavior == "buy"}
+    return UserHistory([e[0] for e in merged], [e[1] for e in merged], [e[2] for e in merged], bought)
+
+
+class _Dictionary:
+    """Raw ids <-> dense indices of a silver index table, reloaded when it grows."""
+
+    def __init__(self, path: str, idx: str, raw: str) -> None:
+        self.path, self.idx, self.raw = path, idx, raw
+        self.version = -2
+        self.raw_by_index = np.zeros(0, dtype=np.int64)
+        self.index_by_raw: dict[int, int] = {}
+
+    def refresh(self) -> None:
+        try:
+            table = DeltaTable(self.path)
+        except Exception:  # no dictionary yet
+            return
+        if table.version() == self.version:
+            return
+        data = table.to_pyarrow_table(columns=[self.idx, self.raw])
+        index, raw = data.column(self.idx).to_numpy(), data.column(self.raw).to_numpy()
+        self.raw_by_index = np.full(int(index.max(initial=-1)) + 1, -1, dtype=np.int64)
+        self.raw_by_index[index] = raw
+        self.index_by_raw = dict(zip(raw.tolist(), index.tolist(), strict=True))
+        self.version = table.version()
+
+
+def _read_rows(path: str, users: list[int]) -> pa.Table | None:
+    try:
+        table = DeltaTable(path)
+    except Exception:
+        return None
+    return table.to_pyarrow_dataset().to_table(filter=pc.field(USER_ID).isin(users))
+
+
+class NearlineSink:
+    """The ``foreachBatch`` function of the nearline query (see module docstring)."""
+
+    def __init__(self, spark: SparkSession, lake: Lakehouse, settings: Settings) -> None:
+        self.spark = spark
+        self.lake = lake
+        self.settings = settings
+        self.fmt = settings.serving.stream.format
+        self._app_id: str | None = None
+        self.max_length = settings.features.max_sequence_length
+        self.scorer: RuleScorer | None = None
+        self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
+        self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
+
+    def _current_scorer(self) -> RuleScorer:
+        version = champion_version(self.settings)
+        if self.scorer is None or self.scorer.champion.version != version:
+            previous = None if self.scorer is None else self.scorer.champion.version
+            self.scorer = RuleScorer.build(self.lake, self.settings, load_champion(self.settings, version))
+            log_event(log, "stream.model_loaded", version=version, previous=previous)
+        return self.scorer
+
+    @property
+    def app_id(self) -> str:
+        """``<serving.stream.app_id>-<query id>``: the query id lives in the checkpoint, so a
+        restart keeps it and a new checkpoint (whose batch ids start again at 0) gets a new one
+        instead of having its batches mistaken for ones already committed."""
+        if self._app_id is None:
+            metadata = json.loads((Path(checkpoint_dir(self.settings)) / "metadata").read_text())
+            self._app_id = f"{self.settings.serving.stream.app_id}-{metadata['id'][:8]}"
+        return self._app_id
+
+    def _once(self, batch_id: int) -> Idempotency:
+        return Idempotency(self.app_id, batch_id)
+
+    def __call__(self, df: DataFrame, batch_id: int) -> None:
+        done = self.lake.transaction_version(OPS_STREAM_METRICS, self.app_id) if self.lake.exists(
+            OPS_STREAM_METRICS) else None
+        if done is not None and done >= batch_id:
+            log_event(log, "stream.batch_replayed", batch_id=batch_id, action="skipped, already committed")
+            return
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        run_id = f"{self.app_id}-{batch_id}"
+        raw = df.select(F.col("value").alias(RAW), F.col("file").alias(SOURCE_FILE)).persist()
+        try:
+            parsed = parse_lines(raw, self.fmt, validation_rules(self.settings, now))
+            rows_in = raw.count()
+            if rows_in == 0:
+                return
+            self.lake.write(bronze_rows(raw, run_id, now), BRONZE_EVENTS_RAW, partition_by=("ingest_date",),
+                            idempotency=self._once(batch_id))
+            quarantined = self.lake.write(quarantine_rows(parsed, run_id, now), QUARANTINE_EVENTS,
+                                          partition_by=("ingest_date",), idempotency=self._once(batch_id))
+            good = parsed.filter(F.col(REASON).isNull()).select(USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS).toArrow()
+        finally:
+            raw.unpersist()
+        scorer = self._current_scorer()
+        users_updated = self._update_users(good, batch_id, now, scorer)
+        committed = datetime.now(UTC)
+        latencies = np.sort([(committed - ts).total_seconds() for ts in good.column(EVENT_TS).to_pylist()])
+        metrics = {
+            "batch_id": batch_id, "committed_at": committed, "rows_in": rows_in, "rows_clean": good.num_rows,
+            "rows_quarantined": quarantined.rows_written or 0, "users_updated": users_updated,
+            "latency_p50_s": float(np.percentile(latencies, 50)) if len(latencies) else None,
+            "latency_p95_s": float(np.percentile(latencies, 95)) if len(latencies) else None,
+            "latency_max_s": float(latencies[-1]) if len(latencies) else None,
+            "processing_s": time.perf_counter() - started, "model_version": scorer.champion.version,
+        }
+        table = pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA)
+        self.lake.write(self.spark.createDataFrame(table), OPS_STREAM_METRICS, idempotency=self._once(batch_id))
+        log_event(log, "stream.batch", **{k: (round(v, 3) if isinstance(v, float) else v)
+                                         for k, v in metrics.items() if k != "committed_at"})
+
+    def _update_users(self, good: pa.Table, batch_id: int, now: datetime, scorer: RuleScorer) -> int:
+        if good.num_rows == 0:
+            return 0
+        events: dict[int, list[tuple[int, str, datetime]]] = {}
+        for user, item, behavior, ts in zip(*(good.column(c).to_pylist() for c in
+                                              (USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS)), strict=True):
+            events.setdefault(user, []).append((item, behavior, ts))
+        touched = sorted(events)
+        histories = self._histories(touched)
+        merged = [merge_history(histories[u], events[u], self.max_length) for u in touched]
+        state = pa.Table.from_pylist([
+            {USER_ID: u, "item_ids": h.item_ids, "behaviors": h.behaviors, "event_ts": h.event_ts,
+             "bought": sorted(h.bought), "last_event_ts": h.event_ts[-1], "stream_batch_id": batch_id,
+             "updated_at": now}
+            for u, h in zip(touched, merged, strict=True)
+        ], schema=STATE_SCHEMA)
+        self.lake.upsert(state, SERVING_USER_STATE, keys=[USER_ID],
+                         idempotency=self._once(batch_id))
+
+        model = scorer.champion.model
+        index_histories = [model.item_index(np.asarray(h.item_ids)) for h in merged]
+        index_histories = [h[h >= 0] for h in index_histories]
+        bought = [model.item_index(np.asarray(sorted(h.bought), dtype=np.int64)) for h in merged]
+        bought = [b[b >= 0] for b in bought]
+        self.users.refresh()
+        user_idx = np.asarray([self.users.index_by_raw.get(u, -1) for u in touched], dtype=np.int64)
+        items, scores, diversity = scorer.recommend(index_histories, user_idx, bought)
+        generated = datetime.now(UTC)
+        rows = pa.Table.from_pylist([
+            {USER_ID: u, USER_IDX: int(i) if i >= 0 else None, "item_ids": it, "scores": sc,
+             "model_name": scorer.champion.name, "model_version": scorer.champion.version,
+             "generated_at": generated, "last_event_ts": h.event_ts[-1], "stream_batch_id": batch_id,
+             "intra_list_diversity": float(d), "source": NEARLINE}
+            for u, i, it, sc, d, h in zip(touched, user_idx, items, scores, diversity, merged, strict=True)
+        ], schema=_recommendation_schema())
+        self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
+                         partition_by=("source",), update_condition="s.stream_batch_id >= t.stream_batch_id "
+                         "OR t.stream_batch_id IS NULL", idempotency=self._once(batch_id))
+        return len(touched)
+
+    def _histories(self, users: list[int]) -> dict[int, UserHistory]:
+        """Current state of ``users``; a user new to the stream starts from their gold sequence."""
+        found: dict[int, UserHistory] = {}
+        state = _read_rows(self.lake.path(SERVING_USER_STATE), users)
+        if state is not None:
+            for row in state.to_pylist():
+                found[row[USER_ID]] = UserHistory(row["item_ids"], row["behaviors"], row["event_ts"],
+                                                  set(row["bought"]))
+        missing = [u for u in users if u not in found]
+        sequences = _read_rows(self.lake.path(GOLD_USER_SEQUENCES), missing) if missing else None
+        if sequences is not None and sequences.num_rows:
+            self.items.refresh()
+            for row in sequences.to_pylist():
+                found[row[USER_ID]] = self._from_sequence(row)
+        for user in missing:
+            found.setdefault(user, UserHistory([], [], [], set()))
+        return found
+
+    def _from_sequence(self, row: dict[str, Any]) -> UserHistory:
+        items = self.items.raw_by_index[np.asarray(row["items"], dtype=np.int64)].tolist()
+        behaviors = [BEHAVIORS[code - 1] for code in row["behaviors"]]
+        # gaps[j] = ts[j] - ts[j-1]: walk back from the last event's time
+        after = np.concatenate([np.cumsum(np.asarray(row["gaps"][:0:-1], dtype=np.int64))[::-1], [0]])
+        last = row["last_event_ts"]
+        times = [datetime.fromtimestamp(last.timestamp() - float(s), UTC) for s in after]
+        bought = {item for item, behavior in zip(items, behaviors, strict=True) if behavior == "buy"}
+        return UserHistory(items, behaviors, times, bought)
+
+
+def _recommendation_schema() -> pa.Schema:
+    return pa.schema([
+        pa.field(USER_ID, pa.int64()), pa.field(USER_IDX, pa.int32()),
+        pa.field("item_ids", pa.list_(pa.int64())), pa.field("scores", pa.list_(pa.float32())),
+        pa.field("model_name", pa.string()), pa.field("model_version", pa.string()),
+        pa.field("generated_at", TS), pa.field("last_event_ts", TS), pa.field("stream_batch_id", pa.int64()),
+        pa.field("intra_list_diversity", pa.float64()), pa.field("source", pa.string()),
+    ])
+
+
+def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
+    """The stream of raw lines: ``value`` (the line) and ``file`` (where it came from)."""
+    cfg = settings.serving.stream
+    if cfg.source == "kafka":
+        if not (cfg.kafka_bootstrap_servers and cfg.kafka_topic):
+            raise ConfigError("serving.stream.source=kafka needs kafka_bootstrap_servers and kafka_topic")
+        frame = (spark.readStream.format("kafka")
+                 .option("kafka.bootstrap.servers", cfg.kafka_bootstrap_servers)
+                 .option("subscribe", cfg.kafka_topic).option("startingOffsets", "earliest").load())
+        return frame.select(F.col("value").cast("string").alias("value"),
+                            F.format_string("kafka:%s/%d/%d", "topic", "partition", "offset").alias("file"))
+    landing = landing_dir(settings)
+    Path(landing).mkdir(parents=True, exist_ok=True)
+    frame = spark.readStream.format("text").option("maxFilesPerTrigger", cfg.max_files_per_trigger).load(landing)
+    return frame.select("value", F.col("_metadata.file_path").alias("file"))
+
+
+def start_stream(spark: SparkSession, lake: Lakehouse, settings: Settings) -> StreamingQuery:
+    champion_version(settings)  # no champion: fail now, not in the first micro-batch
+    cfg = settings.serving.stream
+    return (source_frame(spark, settings).writeStream
+            .foreachBatch(NearlineSink(spark, lake, settings))
+            .option("checkpointLocation", checkpoint_dir(settings))
+            .trigger(processingTime=f"{cfg.trigger_seconds} seconds")
+            .queryName("recsys-nearline").start())
+
+
+def run_stream(
+    spark: SparkSession, lake: Lakehouse, settings: Settings, *, until_idle: float | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run the query until stopped (Ctrl-C / SIGTERM), ``until_idle`` seconds without new data,
+    or ``timeout`` seconds; finishes the data already landed before stopping."""
+    query = start_stream(spark, lake, settings)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = last_data = time.monotonic()
+    batches = rows = 0
+    log_event(log, "stream.start", landing=landing_dir(settings), checkpoint=checkpoint_dir(settings))
+    try:
+        while not stop.is_set():
+            if query.awaitTermination(0.5):
+                break
+            progress = query.lastProgress
+            if progress and progress.get("numInputRows", 0) > 0 and progress["batchId"] >= batches:
+                batches, rows, last_data = progress["batchId"] + 1, rows + progress["numInputRows"], time.monotonic()
+            now = time.monotonic()
+            if until_idle is not None and now - last_data >= until_idle and not query.status["isDataAvailable"]:
+                break
+            if timeout is not None and now - started >= timeout:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if query.isActive:
+            query.processAllAvailable()  # commit what has landed before stopping
+            query.stop()
+    if query.exception() is not None:
+        raise RuntimeError(f"nearline query failed: {query.exception()}")
+    return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
+            "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}

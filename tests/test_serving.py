@@ -1,0 +1,260 @@
+"""Serving: business rules, batch scoring, the nearline stream (exactly once across a real
+kill -9), champion hot-reload, the lookup read path and the replay tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import DeltaTable, write_deltalake
+
+from recsys_spark.generate import GeneratorConfig, write_log
+from recsys_spark.serving.lookup import RecommendationLookup
+from recsys_spark.serving.replay import replay
+from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
+from recsys_spark.serving.streaming import UserHistory, merge_history
+from tests.conftest import build_gold_lakehouse, make_settings, run_cli
+
+QUIET = ["--set", "logging.level=WARNING"]
+TINY = ["--set", "training.epochs=2", "--set", "training.sasrec.dim=16", "--set", "training.sasrec.ffn_dim=32",
+        "--set", "training.num_processes=1", *QUIET]
+STREAM = ["--set", "serving.stream.max_files_per_trigger=1", "--set", "serving.stream.trigger_seconds=0.5"]
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+
+def test_rules_exclude_bought_and_denied_categories() -> None:
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    catalogue = Catalogue(np.array([1, 1, 2, 2, 3]))
+    indices, values = apply_rules(scores, [np.array([0])], catalogue, BusinessRules(k=3, category_deny=(2,)))
+    assert indices.tolist() == [[1, 4, -1]]  # 0 bought, 2 and 3 denied; only two items left
+    assert np.isnan(values[0, 2])
+    indices, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue,
+                             BusinessRules(k=2, category_allow=(2,)))
+    assert indices.tolist() == [[2, 3]]
+
+
+def test_mmr_lambda_zero_is_relevance_and_positive_lambda_diversifies() -> None:
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0]])
+    catalogue = Catalogue(np.array([1, 1, 1, 2, 2, 3]))
+    plain, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue, BusinessRules(k=3))
+    assert plain.tolist() == [[0, 1, 2]]
+    diverse, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue,
+                             BusinessRules(k=3, diversity_lambda=0.5, candidates=6))
+    assert diverse.tolist() == [[0, 3, 5]]  # best item, then the best of each new category
+    assert intra_list_diversity(diverse, catalogue.categories)[0] == 1.0
+    assert intra_list_diversity(plain, catalogue.categories)[0] == 0.0
+    assert intra_list_diversity(np.array([[0, 1, 3]]), catalogue.categories)[0] == pytest.approx(2 / 3)
+
+
+def test_merge_history_is_idempotent_ordered_and_bounded() -> None:
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    start = UserHistory([1, 2], ["pv", "pv"], [t, t + timedelta(seconds=1)], set())
+    events = [(3, "buy", t + timedelta(seconds=5)), (4, "pv", t + timedelta(seconds=3))]
+    once = merge_history(start, events, max_length=3)
+    assert once.item_ids == [2, 4, 3] and once.bought == {3}
+    assert merge_history(once, events, max_length=3) == once
+
+
+def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("1,10,5,pv,300\n2,11,5,buy,100\nnot,a,row\n3,12,6,pv,200\n")
+    clock = iter(np.arange(1000.0, 2000.0, 0.25))
+    report = replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)),
+                    sleep=lambda s: None)
+    files = sorted((tmp_path / "landing").glob("events-*.csv"))
+    assert report.events == 4 and len(files) == report.files == 4
+    lines = [f.read_text().strip() for f in files]
+    assert [line.split(",")[0] for line in lines] == ["2", "not", "3", "1"]  # time order; bad line kept
+    assert all(int(line.split(",")[4]) >= 1000 for line in lines if line[0].isdigit())
+    assert not list((tmp_path / "landing").glob(".*"))  # nothing half-written left behind
+
+
+def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    now = datetime.now(UTC)
+    rows = pa.table({
+        "user_id": pa.array([1, 1, 2], pa.int64()),
+        "item_ids": [[10, 11], [20, 21], [30]],
+        "scores": pa.array([[1.0, 0.5], [2.0, 1.5], [3.0]], pa.list_(pa.float32())),
+        "source": ["batch", "nearline", "batch"],
+        "model_version": ["1", "1", "1"],
+        "generated_at": pa.array([now - timedelta(minutes=5), now, now], pa.timestamp("us", tz="UTC")),
+    })
+    write_deltalake(f"{root}/serving/recommendations", rows)
+    write_deltalake(f"{root}/gold/item_features", pa.table({
+        "item_id": pa.array([7, 8, 9], pa.int64()), "pv_7d": [1, 30, 5], "buy_7d": [0, 0, 9]}))
+    lookup = RecommendationLookup(root, refresh_seconds=0.0)
+    assert lookup.get(1, k=1).item_ids == [20] and lookup.get(1).source == "nearline"
+    assert lookup.get(2).item_ids == [30]
+    cold = lookup.get(999, k=2)
+    assert cold.cold_start and cold.source == "cold_start" and cold.item_ids == [8, 9]
+    newer = rows.slice(2, 1).set_column(1, "item_ids", pa.array([[31, 32]])).set_column(
+        5, "generated_at", pa.array([now + timedelta(minutes=1)], pa.timestamp("us", tz="UTC")))
+    write_deltalake(f"{root}/serving/recommendations", newer, mode="append")
+    assert lookup.get(2).item_ids == [31, 32]  # the cache follows the table's version
+
+
+# --- against a trained champion ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(spark, tmp_path_factory) -> dict:
+    """A lakehouse with gold tables and a registered sasrec champion, plus a pristine copy."""
+    from recsys_spark.cli import main
+
+    folder = tmp_path_factory.mktemp("serving")
+    root = build_gold_lakehouse(folder, users=200, items=150, seed=11)
+    assert main(["train", "--model", "sasrec", "--root", root, *TINY]) == 0
+    pristine = folder / "pristine"
+    shutil.copytree(root, pristine)
+    stream_log = folder / "stream.jsonl"
+    write_log(GeneratorConfig(users=200, items=150, days=1, seed=12), stream_log, fmt="jsonl",
+              malformed_rate=0.05)
+    return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}
+
+
+def _table(root: str, name: str) -> pa.Table:
+    return DeltaTable(f"{root}/{name}").to_pyarrow_table()
+
+
+def test_score_batch_writes_every_user_once_without_bought_items(served, capsys) -> None:
+    root = served["root"]
+    code, result, err = run_cli(capsys, "score-batch", "--root", root, "--json", *QUIET,
+                                "--set", "serving.k=20", "--set", "serving.diversity_lambda=0.3")
+    assert code == 0, err[-2000:]
+    recs = _table(root, "serving/recommendations").to_pylist()
+    users = _table(root, "gold/user_sequences").column("user_id").to_pylist()
+    assert sorted(r["user_id"] for r in recs) == sorted(users)  # every user exactly once
+    assert all(len(r["item_ids"]) == 20 and r["source"] == "batch" for r in recs)
+    events = _table(root, "silver/events").to_pylist()
+    bought = {(e["user_id"], e["item_id"]) for e in events if e["behavior_type"] == "buy"}
+    assert bought and not any((r["user_id"], i) in bought for r in recs for i in r["item_ids"])
+    assert 0 < result["catalogue_coverage"] <= 1 and 0 <= result["intra_list_diversity"] <= 1
+    assert _table(root, "serving/item_embeddings").num_rows == 150 or result["item_embeddings_version"] >= 0
+
+
+def _land(folder: Path, lines: list[str], name: str) -> None:
+    hidden = folder / f".{name}"
+    hidden.write_text("\n".join(lines) + "\n")
+    os.replace(hidden, folder / name)
+
+
+def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, served, tmp_path, capsys) -> None:
+    from recsys_spark.serving.streaming import start_stream
+    from recsys_spark.storage import open_lakehouse
+
+    root = served["root"]
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    settings = make_settings(Path(root), f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5")
+    lake = open_lakehouse(spark, settings)
+    before = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()} \
+        if Path(root, "serving/recommendations").exists() else {}
+    now = int(time.time() * 1000)
+    good = [json.dumps({"user_id": u, "item_id": i, "behavior_type": "pv", "ts": now})
+            for u, i in ((1, 5), (2, 6), (1, 7))]
+    _land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken"], "a.jsonl")
+    query = start_stream(spark, lake, settings)
+    try:
+        query.processAllAvailable()
+        nearline = [r for r in _table(root, "serving/recommendations").to_pylist() if r["source"] == "nearline"]
+        assert sorted(r["user_id"] for r in nearline) == [1, 2]  # exactly the touched users
+        assert {r["model_version"] for r in nearline} == {"1"}
+        state = {r["user_id"]: r for r in _table(root, "serving/user_state").to_pylist()}
+        assert set(state) == {1, 2} and state[1]["item_ids"][-2:] == [5, 7]
+        reasons = sorted(r["reason"] for r in _table(root, "quarantine/events").to_pylist()
+                         if r["ingest_run_id"].startswith("recsys-nearline-"))
+        assert reasons == ["invalid_id", "malformed_json"]
+        metrics = _table(root, "ops/stream_metrics").to_pylist()
+        assert metrics[-1]["rows_in"] == 5 and metrics[-1]["rows_quarantined"] == 2
+        assert metrics[-1]["latency_p95_s"] is not None
+
+        # a new champion is picked up by the running query
+        code, _, err = run_cli(capsys, "train", "--model", "mf", "--root", root, *TINY,
+                               "--set", "training.learning_rate=1e-7")
+        assert code == 0, err[-2000:]
+        code, _, err = run_cli(capsys, "promote", "--version", "2", "--root", root, *QUIET)
+        assert code == 0, err
+        _land(landing, [json.dumps({"user_id": 2, "item_id": 9, "behavior_type": "cart", "ts": now + 1000})],
+              "b.jsonl")
+        query.processAllAvailable()
+        assert query.isActive  # malformed input never stopped it
+    finally:
+        query.stop()
+    rows = {(r["user_id"], r["source"]): r for r in _table(root, "serving/recommendations").to_pylist()}
+    assert rows[(2, "nearline")]["model_version"] == "2" and rows[(1, "nearline")]["model_version"] == "1"
+    if before:  # batch rows untouched by nearline upserts
+        assert rows[(1, "batch")]["item_ids"] == before[1]["item_ids"]
+    lookup = RecommendationLookup(root)
+    assert lookup.get(2).source == "nearline" and not lookup.get(10**9).item_ids == []
+
+
+def _stream_process(root: Path, landing: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), "--landing", str(landing),
+         "--format", "jsonl", "--until-idle", "4", *STREAM, *QUIET],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _snapshot(root: Path) -> dict[str, list]:
+    def rows(name: str, columns: list[str]) -> list:
+        table = DeltaTable(str(root / name)).to_pyarrow_table(columns=columns)
+        return sorted(json.dumps(r, default=str, sort_keys=True) for r in table.to_pylist())
+
+    return {
+        "recommendations": rows("serving/recommendations", ["user_id", "source", "item_ids", "model_version",
+                                                            "stream_batch_id", "last_event_ts"]),
+        "user_state": rows("serving/user_state", ["user_id", "item_ids", "behaviors", "event_ts", "bought",
+                                                  "stream_batch_id"]),
+        "bronze": rows("bronze/events_raw", ["raw", "source_file", "ingest_run_id"]),
+        "quarantine": rows("quarantine/events", ["raw", "reason", "ingest_run_id"]),
+        "metrics": rows("ops/stream_metrics", ["batch_id", "rows_in", "rows_clean", "users_updated"]),
+    }
+
+
+def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> None:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    lines = served["stream_log"].read_text().splitlines()[:600]
+    for i in range(6):  # six files -> six micro-batches (one file per trigger)
+        _land(landing, lines[i * 100:(i + 1) * 100], f"part-{i}.jsonl")
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    shutil.copytree(served["pristine"], reference)
+    shutil.copytree(served["pristine"], interrupted)
+
+    process = _stream_process(reference, landing)
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+
+    process = _stream_process(interrupted, landing)
+    metrics = interrupted / "ops" / "stream_metrics" / "_delta_log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and not list(metrics.glob("*.json")):
+        time.sleep(0.1)
+    time.sleep(random.uniform(0.0, 1.5))  # land somewhere inside a later micro-batch
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    committed = len(list(metrics.glob("*.json")))
+    assert 1 <= committed < 6, f"kill landed after {committed} batches"
+    process = _stream_process(interrupted, landing)
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+
+    expected, actual = _snapshot(reference), _snapshot(interrupted)
+    assert len(expected["metrics"]) == 6
+    for table in expected:
+        assert actual[table] == expected[table], table
+    raw = [json.loads(r)["raw"] for r in actual["bronze"]]
+    assert len(raw) == len(set(zip(raw, [json.loads(r)["source_file"] for r in actual["bronze"]], strict=True)))
