@@ -119,6 +119,24 @@ def test_idempotent_write_is_applied_once(spark, lake: Lakehouse) -> None:
     assert lake.read("silver/t").count() == 20
 
 
+def test_arrow_appends_are_idempotent_and_typed_like_the_table(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t", partition_by=("day",))
+    batch = events(spark, 5, offset=10).toArrow()
+    first = lake.write(batch, "silver/t", partition_by=("day",), idempotency=Idempotency("s", 0))
+    again = lake.write(batch, "silver/t", partition_by=("day",), idempotency=Idempotency("s", 0))
+    assert first.rows_written == 5 and again.skipped
+    # an empty batch still records its transaction, so its replay is skipped too
+    empty = lake.write(batch.slice(0, 0), "silver/t", partition_by=("day",), idempotency=Idempotency("s", 1))
+    assert empty.version == first.version + 1 and lake.transaction_version("silver/t", "s") == 1
+    table = DeltaTable(lake.path("silver/t"))
+    assert table.metadata().partition_columns == ["day"]
+    assert sorted(table.to_pyarrow_table().column("k").to_pylist()) == list(range(15))
+    with pytest.raises(SchemaMismatchError):
+        lake.write(pa.table({"k": [1]}), "silver/t", partition_by=("day",))
+    with pytest.raises(SchemaMismatchError):
+        lake.write(batch, "silver/t")  # partitioning differs
+
+
 def test_overwrite_selected_partitions_only(spark, lake: Lakehouse) -> None:
     lake.write(events(spark, 100), "silver/t", partition_by=["day"])
     days = sorted(r.day for r in lake.read("silver/t").select("day").distinct().collect())

@@ -170,6 +170,12 @@ class NearlineSink:
         self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
         self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
 
+    def warm_up(self) -> None:
+        """Load the champion and the id dictionaries before the first micro-batch."""
+        self._current_scorer()
+        self.users.refresh()
+        self.items.refresh()
+
     def _current_scorer(self) -> RuleScorer:
         version = champion_version(self.settings)
         if self.scorer is None or self.scorer.champion.version != version:
@@ -202,31 +208,33 @@ class NearlineSink:
         run_id = f"{self.app_id}-{batch_id}"
         raw = df.select(F.col("value").alias(RAW), F.col("file").alias(SOURCE_FILE)).persist()
         try:
+            # A micro-batch is small: bring its three slices to the driver as Arrow and append
+            # them without a Spark write job each (the Spark jobs here cost more than the data).
             parsed = parse_lines(raw, self.fmt, validation_rules(self.settings, now))
-            rows_in = raw.count()
+            bronze = bronze_rows(raw, run_id, now).toArrow()
+            rows_in = bronze.num_rows
             if rows_in == 0:
                 return
-            self.lake.write(bronze_rows(raw, run_id, now), BRONZE_EVENTS_RAW, partition_by=("ingest_date",),
-                            idempotency=self._once(batch_id))
-            quarantined = self.lake.write(quarantine_rows(parsed, run_id, now), QUARANTINE_EVENTS,
-                                          partition_by=("ingest_date",), idempotency=self._once(batch_id))
+            bad = quarantine_rows(parsed, run_id, now).toArrow()
             good = parsed.filter(F.col(REASON).isNull()).select(USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS).toArrow()
         finally:
             raw.unpersist()
+        self.lake.write(bronze, BRONZE_EVENTS_RAW, partition_by=("ingest_date",), idempotency=self._once(batch_id))
+        self.lake.write(bad, QUARANTINE_EVENTS, partition_by=("ingest_date",), idempotency=self._once(batch_id))
         scorer = self._current_scorer()
         users_updated = self._update_users(good, batch_id, now, scorer)
         committed = datetime.now(UTC)
         latencies = np.sort([(committed - ts).total_seconds() for ts in good.column(EVENT_TS).to_pylist()])
         metrics = {
             "batch_id": batch_id, "committed_at": committed, "rows_in": rows_in, "rows_clean": good.num_rows,
-            "rows_quarantined": quarantined.rows_written or 0, "users_updated": users_updated,
+            "rows_quarantined": bad.num_rows, "users_updated": users_updated,
             "latency_p50_s": float(np.percentile(latencies, 50)) if len(latencies) else None,
             "latency_p95_s": float(np.percentile(latencies, 95)) if len(latencies) else None,
             "latency_max_s": float(latencies[-1]) if len(latencies) else None,
             "processing_s": time.perf_counter() - started, "model_version": scorer.champion.version,
         }
         table = pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA)
-        self.lake.write(self.spark.createDataFrame(table), OPS_STREAM_METRICS, idempotency=self._once(batch_id))
+        self.lake.write(table, OPS_STREAM_METRICS, idempotency=self._once(batch_id))
         log_event(log, "stream.batch", **{k: (round(v, 3) if isinstance(v, float) else v)
                                          for k, v in metrics.items() if k != "committed_at"})
 
@@ -327,10 +335,12 @@ def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
 
 
 def start_stream(spark: SparkSession, lake: Lakehouse, settings: Settings) -> StreamingQuery:
-    champion_version(settings)  # no champion: fail now, not in the first micro-batch
+    sink = NearlineSink(spark, lake, settings)
+    # Load the champion now: no champion fails at start, and the first events do not wait for it.
+    sink.warm_up()
     cfg = settings.serving.stream
     return (source_frame(spark, settings).writeStream
-            .foreachBatch(NearlineSink(spark, lake, settings))
+            .foreachBatch(sink)
             .option("checkpointLocation", checkpoint_dir(settings))
             .trigger(processingTime=f"{cfg.trigger_seconds} seconds")
             .queryName("recsys-nearline").start())

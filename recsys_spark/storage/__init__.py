@@ -100,7 +100,7 @@ class Lakehouse:
 
     def write(
         self,
-        df: DataFrame,
+        df: DataFrame | pa.Table,
         table: str,
         *,
         mode: WriteMode = "append",
@@ -112,7 +112,9 @@ class Lakehouse:
         """Append, overwrite, or overwrite only ``partition_filters``' partitions, atomically.
 
         Args:
-            df: rows to write; columns and types must match the table's when appending.
+            df: rows to write; columns and types must match the table's when appending. An Arrow
+                table (a small driver-side batch, e.g. a micro-batch) is appended to an existing
+                table without a Spark job.
             table: ``"<layer>/<name>"``.
             mode: ``"append"`` or ``"overwrite"``.
             partition_by: partition columns (must match the table's once it exists).
@@ -123,9 +125,15 @@ class Lakehouse:
         """
         if partition_filters and mode != "overwrite":
             raise ValueError("partition_filters select partitions to overwrite; use mode='overwrite'")
+        path = self.path(table)
+        if isinstance(df, pa.Table):
+            if mode == "append" and self.engine.exists(path):
+                return self.engine.append_arrow(df, path, partition_by=partition_by,
+                                                idempotency=idempotency, commit_info=commit_info or {})
+            df = self.engine.spark.createDataFrame(df)
         return self.engine.write(
             df,
-            self.path(table),
+            path,
             mode=mode,
             partition_by=partition_by,
             partition_filters=partition_filters,

@@ -95,6 +95,18 @@ class TableEngine(ABC):
     ) -> CommitResult: ...
 
     @abstractmethod
+    def append_arrow(
+        self,
+        table: pa.Table,
+        path: str,
+        *,
+        partition_by: Sequence[str],
+        idempotency: Idempotency | None,
+        commit_info: dict[str, str],
+    ) -> CommitResult:
+        """Append a small driver-side Arrow table to an existing table (no Spark job)."""
+
+    @abstractmethod
     def delete(self, path: str, predicate: str) -> CommitResult: ...
 
     @abstractmethod

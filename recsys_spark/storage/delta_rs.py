@@ -29,7 +29,7 @@ from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError as DeltaCommitFailed
 from deltalake.exceptions import DeltaError
@@ -189,6 +189,42 @@ class DeltaRsEngine(TableEngine):
                   files=len(actions))
         return CommitResult(version=version, rows_written=rows, files_added=len(actions))
 
+    def append_arrow(
+        self,
+        table: pa.Table,
+        path: str,
+        *,
+        partition_by: Sequence[str],
+        idempotency: Idempotency | None,
+        commit_info: dict[str, str],
+    ) -> CommitResult:
+        existing = self._open(path)
+        replayed = _replayed(existing, idempotency)
+        if replayed is not None:
+            return replayed
+        current = existing.metadata().partition_columns
+        if list(partition_by) != list(current):
+            raise SchemaMismatchError(
+                f"table {path} is partitioned by {current}, the write asked for {list(partition_by)}"
+            )
+        source = _conform(table, existing, f"append to {path}")
+        if source.num_rows == 0 and idempotency is None:
+            return CommitResult(version=existing.version(), rows_written=0)
+        properties = _commit_properties(idempotency, commit_info)
+        try:
+            if source.num_rows:
+                write_deltalake(existing, source, mode="append", commit_properties=properties)
+            else:  # still commit, so the transaction (app id, batch) is recorded
+                existing.create_write_transaction([], mode="append", schema=existing.schema(),
+                                                  partition_by=list(current) or None,
+                                                  commit_properties=properties)
+        except (DeltaCommitFailed, DeltaError, OSError) as exc:
+            raise CommitFailedError(f"appending to {path} failed, nothing was committed: {exc}") from exc
+        version = DeltaTable(path).version()
+        log_event(log, "delta.write", table=path, mode="append", version=version, rows=source.num_rows,
+                  files=None, via="arrow")
+        return CommitResult(version=version, rows_written=source.num_rows)
+
     def upsert(
         self,
         df: DataFrame | pa.Table,
@@ -209,14 +245,9 @@ class DeltaRsEngine(TableEngine):
         replayed = _replayed(table, idempotency)
         if replayed is not None:
             return replayed
-        target_schema = table.schema().to_arrow()
-        source = df if isinstance(df, pa.Table) else df.toArrow()
+        source = _conform(df if isinstance(df, pa.Table) else df.toArrow(), table, f"upsert into {path}")
         if source.num_rows == 0:
             return CommitResult(version=table.version(), rows_written=0)
-        try:
-            source = source.select(target_schema.names).cast(pa.schema(target_schema))
-        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise SchemaMismatchError(f"upsert into {path}: {exc}") from exc
         try:
             metrics = (
                 table.merge(
@@ -297,6 +328,15 @@ def _commit_properties(
         else None
     )
     return CommitProperties(custom_metadata=dict(commit_info) or None, app_transactions=transactions)
+
+
+def _conform(source: pa.Table, table: DeltaTable, what: str) -> pa.Table:
+    """``source`` with the table's columns, in its order and types."""
+    target = pa.schema(table.schema().to_arrow())
+    try:
+        return source.select(target.names).cast(target)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaMismatchError(f"{what}: {exc}") from exc
 
 
 def _check_layout(

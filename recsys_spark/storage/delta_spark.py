@@ -116,6 +116,18 @@ class DeltaSparkEngine(TableEngine):
             raise CommitFailedError(f"writing {path} failed, nothing was committed: {exc}") from exc
         return self._result(path, before)
 
+    def append_arrow(
+        self,
+        table: pa.Table,
+        path: str,
+        *,
+        partition_by: Sequence[str],
+        idempotency: Idempotency | None,
+        commit_info: dict[str, str],
+    ) -> CommitResult:
+        return self.write(self.spark.createDataFrame(table), path, mode="append", partition_by=partition_by,
+                          partition_filters=None, idempotency=idempotency, commit_info=commit_info)
+
     def upsert(
         self,
         df: DataFrame | pa.Table,
