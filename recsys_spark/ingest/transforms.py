@@ -148,25 +148,28 @@ def silver_rows(events: DataFrame, run_id: str) -> DataFrame:
     )
 
 
+# What bronze and quarantine keep of a parsed line, before the run's lineage columns.
+BRONZE_COLUMNS = (RAW, SOURCE_FILE)
+QUARANTINE_COLUMNS = (RAW, SOURCE_FILE, REASON, DETAIL)
+
+
+def lineage(run_id: str, at: datetime) -> dict[str, object]:
+    """The columns every bronze and quarantine row carries: which run wrote it, and when."""
+    return {RUN_ID: run_id, INGESTED_AT: at, INGEST_DATE: at.date()}
+
+
+def _with_lineage(columns: tuple[str, ...], run_id: str, at: datetime) -> list[Column]:
+    stamp = [F.lit(value).alias(name) for name, value in lineage(run_id, at).items()]
+    return [*map(F.col, columns), *stamp]
+
+
 def bronze_rows(raw: DataFrame, run_id: str, ingested_at: datetime) -> DataFrame:
     """Raw lines exactly as read, with where they came from and which run read them."""
-    return raw.select(
-        RAW,
-        SOURCE_FILE,
-        F.lit(run_id).alias(RUN_ID),
-        F.lit(ingested_at).cast("timestamp").alias(INGESTED_AT),
-        F.lit(ingested_at.date()).alias(INGEST_DATE),
-    )
+    return raw.select(*_with_lineage(BRONZE_COLUMNS, run_id, ingested_at))
 
 
 def quarantine_rows(parsed: DataFrame, run_id: str, quarantined_at: datetime) -> DataFrame:
     """Rows that failed validation: the raw line, its file, the reason code and a detail."""
     return parsed.filter(F.col(REASON).isNotNull()).select(
-        RAW,
-        SOURCE_FILE,
-        REASON,
-        DETAIL,
-        F.lit(run_id).alias(RUN_ID),
-        F.lit(quarantined_at).cast("timestamp").alias(INGESTED_AT),
-        F.lit(quarantined_at.date()).alias(INGEST_DATE),
+        *_with_lineage(QUARANTINE_COLUMNS, run_id, quarantined_at)
     )

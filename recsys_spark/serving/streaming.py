@@ -60,7 +60,7 @@ from recsys_spark.constants import (
 from recsys_spark.errors import ConfigError
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
-from recsys_spark.ingest.transforms import bronze_rows, quarantine_rows
+from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
 from recsys_spark.storage import Idempotency, Lakehouse
@@ -156,6 +156,26 @@ def _read_rows(path: str, users: list[int]) -> pa.Table | None:
     return table.to_pyarrow_dataset().to_table(filter=pc.field(USER_ID).isin(users))
 
 
+def _stamped(rows: pa.Table, run_id: str, at: datetime) -> pa.Table:
+    """``rows`` with the lineage columns of ``ingest.transforms.lineage`` appended."""
+    for name, value in lineage(run_id, at).items():
+        rows = rows.append_column(name, pa.array([value] * rows.num_rows))
+    return rows
+
+
+class _Laps:
+    """Seconds spent in each step of a micro-batch, for the batch's log line."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[f"t_{step}"] = round(now - self._last, 3)
+        self._last = now
+
+
 class NearlineSink:
     """The ``foreachBatch`` function of the nearline query (see module docstring)."""
 
@@ -171,10 +191,13 @@ class NearlineSink:
         self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
 
     def warm_up(self) -> None:
-        """Load the champion and the id dictionaries before the first micro-batch."""
+        """Load the champion and the id dictionaries, and run the parsing plan once on a
+        throw-away line, before the first micro-batch (which would otherwise pay for all of it)."""
         self._current_scorer()
         self.users.refresh()
         self.items.refresh()
+        sample = self.spark.createDataFrame([("", "warm-up")], "value string, file string")
+        self._slices(sample, "warm-up", datetime.now(UTC))
 
     def _current_scorer(self) -> RuleScorer:
         version = champion_version(self.settings)
@@ -204,25 +227,20 @@ class NearlineSink:
             log_event(log, "stream.batch_replayed", batch_id=batch_id, action="skipped, already committed")
             return
         started = time.perf_counter()
+        laps = _Laps()
         now = datetime.now(UTC)
         run_id = f"{self.app_id}-{batch_id}"
-        raw = df.select(F.col("value").alias(RAW), F.col("file").alias(SOURCE_FILE)).persist()
-        try:
-            # A micro-batch is small: bring its three slices to the driver as Arrow and append
-            # them without a Spark write job each (the Spark jobs here cost more than the data).
-            parsed = parse_lines(raw, self.fmt, validation_rules(self.settings, now))
-            bronze = bronze_rows(raw, run_id, now).toArrow()
-            rows_in = bronze.num_rows
-            if rows_in == 0:
-                return
-            bad = quarantine_rows(parsed, run_id, now).toArrow()
-            good = parsed.filter(F.col(REASON).isNull()).select(USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS).toArrow()
-        finally:
-            raw.unpersist()
+        bronze, bad, good = self._slices(df, run_id, now)
+        rows_in = bronze.num_rows
+        if rows_in == 0:
+            return
+        laps("parse")
         self.lake.write(bronze, BRONZE_EVENTS_RAW, partition_by=("ingest_date",), idempotency=self._once(batch_id))
         self.lake.write(bad, QUARANTINE_EVENTS, partition_by=("ingest_date",), idempotency=self._once(batch_id))
+        laps("bronze")
         scorer = self._current_scorer()
-        users_updated = self._update_users(good, batch_id, now, scorer)
+        laps("model")
+        users_updated = self._update_users(good, batch_id, now, scorer, laps)
         committed = datetime.now(UTC)
         latencies = np.sort([(committed - ts).total_seconds() for ts in good.column(EVENT_TS).to_pylist()])
         metrics = {
@@ -235,10 +253,28 @@ class NearlineSink:
         }
         table = pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA)
         self.lake.write(table, OPS_STREAM_METRICS, idempotency=self._once(batch_id))
+        laps("metrics")
         log_event(log, "stream.batch", **{k: (round(v, 3) if isinstance(v, float) else v)
-                                         for k, v in metrics.items() if k != "committed_at"})
+                                         for k, v in metrics.items() if k != "committed_at"}, **laps.seconds)
 
-    def _update_users(self, good: pa.Table, batch_id: int, now: datetime, scorer: RuleScorer) -> int:
+    def _slices(self, df: DataFrame, run_id: str, now: datetime) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """The micro-batch's bronze rows, quarantined rows and good events, as Arrow.
+
+        A micro-batch is small, so its parsed lines (one row per line read, bad ones with a
+        reason) come to the driver in one Spark job and are sliced there; the storage layer then
+        appends the slices without a Spark write job each. On a 1-second trigger the fixed costs
+        of Spark jobs, not the data, decide the latency.
+        """
+        raw = df.select(F.col("value").alias(RAW), F.col("file").alias(SOURCE_FILE))
+        rows = parse_lines(raw, self.fmt, validation_rules(self.settings, now)).toArrow()
+        failed = pc.is_valid(rows.column(REASON))
+        bronze = _stamped(rows.select(list(BRONZE_COLUMNS)), run_id, now)
+        bad = _stamped(rows.filter(failed).select(list(QUARANTINE_COLUMNS)), run_id, now)
+        good = rows.filter(pc.invert(failed)).select([USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS])
+        return bronze, bad, good
+
+    def _update_users(self, good: pa.Table, batch_id: int, now: datetime, scorer: RuleScorer,
+                      laps: _Laps) -> int:
         if good.num_rows == 0:
             return 0
         events: dict[int, list[tuple[int, str, datetime]]] = {}
@@ -247,6 +283,7 @@ class NearlineSink:
             events.setdefault(user, []).append((item, behavior, ts))
         touched = sorted(events)
         histories = self._histories(touched)
+        laps("read_state")
         merged = [merge_history(histories[u], events[u], self.max_length) for u in touched]
         state = pa.Table.from_pylist([
             {USER_ID: u, "item_ids": h.item_ids, "behaviors": h.behaviors, "event_ts": h.event_ts,
@@ -256,6 +293,7 @@ class NearlineSink:
         ], schema=STATE_SCHEMA)
         self.lake.upsert(state, SERVING_USER_STATE, keys=[USER_ID],
                          idempotency=self._once(batch_id))
+        laps("merge_state")
 
         model = scorer.champion.model
         index_histories = [model.item_index(np.asarray(h.item_ids)) for h in merged]
@@ -265,6 +303,7 @@ class NearlineSink:
         self.users.refresh()
         user_idx = np.asarray([self.users.index_by_raw.get(u, -1) for u in touched], dtype=np.int64)
         items, scores, diversity = scorer.recommend(index_histories, user_idx, bought)
+        laps("score")
         generated = datetime.now(UTC)
         rows = pa.Table.from_pylist([
             {USER_ID: u, USER_IDX: int(i) if i >= 0 else None, "item_ids": it, "scores": sc,
@@ -276,6 +315,7 @@ class NearlineSink:
         self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
                          partition_by=("source",), update_condition="s.stream_batch_id >= t.stream_batch_id "
                          "OR t.stream_batch_id IS NULL", idempotency=self._once(batch_id))
+        laps("merge_recommendations")
         return len(touched)
 
     def _histories(self, users: list[int]) -> dict[int, UserHistory]:
