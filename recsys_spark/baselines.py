@@ -105,7 +105,7 @@ def itemcf(data: BaselineData) -> Scorer:
     n = data.num_items
     indices = torch.tensor([[r["i"] for r in kept], [r["j"] for r in kept]], dtype=torch.long)
     matrix = torch.sparse_coo_tensor(indices, torch.tensor([r["sim"] for r in kept], dtype=torch.float32),
-                                     (n, n)).coalesce()
+                                     (n, n), check_invariants=True).coalesce()
     popularity_tiebreak = torch.from_numpy(_counts(data.interactions, n) * 1e-6)
 
     def score(batch: EvalBatch) -> torch.Tensor:
