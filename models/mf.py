@@ -24,7 +24,11 @@ class MFConfig:
 
 
 class MatrixFactorization(nn.Module):
-    """score(u, i) = p_u · q_i + b_i (+ b_u, which does not change a user's ranking).
+    """score(u, i) = p_u · q_i + b_u + b_i, the classic biased MF.
+
+    Under a softmax over items ``b_u`` cancels (its gradient is zero and it never changes a
+    user's ranking); it is kept in the score so the model is the classic one, is usable with
+    pointwise losses, and every parameter takes part in the graph (DDP requires that).
 
     Example::
 
@@ -44,6 +48,11 @@ class MatrixFactorization(nn.Module):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
 
+    def user_biases(self, users: torch.Tensor) -> torch.Tensor:
+        """users (B,) -> (B, 1); zero for unknown users."""
+        known = (users >= 0) & (users < self.config.num_users)
+        return self.user_bias(users.clamp(0, self.config.num_users - 1)) * known.unsqueeze(-1)
+
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         """users (B,) -> (B, D); unknown users (index >= U or < 0) get the zero vector."""
         known = (users >= 0) & (users < self.config.num_users)
@@ -52,8 +61,9 @@ class MatrixFactorization(nn.Module):
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """users (B,) -> logits (B, I) over items 1..I."""
-        return self.user_vectors(users) @ self.items.weight[1:].T + self.item_bias.weight[1:, 0]
+        return self.user_vectors(users) @ self.items.weight[1:].T + self.item_bias.weight[1:, 0] + self.user_biases(users)
 
     def pair_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """users (B,), items (B, N) -> (B, N) scores of the given items."""
-        return (self.user_vectors(users).unsqueeze(1) * self.items(items)).sum(-1) + self.item_bias(items)[..., 0]
+        return ((self.user_vectors(users).unsqueeze(1) * self.items(items)).sum(-1) + self.item_bias(items)[..., 0]
+                + self.user_biases(users))

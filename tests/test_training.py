@@ -211,6 +211,20 @@ def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: P
     assert {m.step for m in history} == set(range(epochs))  # no epoch lost across the kill
 
 
+def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str, tmp_path: Path, capsys) -> None:
+    # Same seed, same global batch: two DDP ranks split each batch and average gradients, and
+    # evaluation sums metric numerators across ranks, so the numbers must agree up to the
+    # different shuffling of shards.
+    runs = {n: train(capsys, gold_root, tmp_path / str(n), "--model", "mf", "--set", f"training.num_processes={n}",
+                     "--set", "training.epochs=6", "--set", "training.learning_rate=0.01")
+            for n in (1, 2)}
+    one, two = runs[1]["test"], runs[2]["test"]
+    for key in ("hit@10", "ndcg@10", "mrr"):
+        assert one[key] > 0 and two[key] > 0
+        assert abs(one[key] - two[key]) <= 0.02 + 0.15 * max(one[key], two[key]), (key, one[key], two[key])
+    print({key: (one[key], two[key]) for key in ("hit@10", "ndcg@10", "mrr")})
+
+
 def test_train_json_from_library_matches_cli_contract_for_two_tower(gold_root: str, tmp_path: Path, capsys) -> None:
     result = train(capsys, gold_root, tmp_path, "--model", "two_tower", "--set", "training.num_processes=1",
                    "--set", "training.epochs=2")

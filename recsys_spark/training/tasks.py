@@ -146,15 +146,16 @@ class MFTask:
         items = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1)
         positive = items > 0
         users = batch.users.unsqueeze(1).expand_as(items)[positive]
-        vectors = model.user_vectors(users)
+        vectors, user_bias = model.user_vectors(users), model.user_biases(users)
         catalogue = model.items.weight[1:]
         bias = model.item_bias.weight[1:, 0]
         if options.kind == "sampled_softmax":
-            return sampled_softmax(torch.cat([vectors, torch.ones_like(vectors[:, :1])], 1),
-                                   torch.cat([catalogue, bias.unsqueeze(1)], 1), items[positive],
-                                   num_negatives=options.num_negatives, log_q=log_q,
+            # p_u·q_i + b_i + b_u as one dot product: [p_u, 1, b_u] · [q_i, b_i, 1]
+            return sampled_softmax(torch.cat([vectors, torch.ones_like(user_bias), user_bias], 1),
+                                   torch.cat([catalogue, bias.unsqueeze(1), torch.ones_like(bias).unsqueeze(1)], 1),
+                                   items[positive], num_negatives=options.num_negatives, log_q=log_q,
                                    generator=options.generator)
-        return torch.nn.functional.cross_entropy(vectors @ catalogue.T + bias, items[positive] - 1)
+        return torch.nn.functional.cross_entropy(vectors @ catalogue.T + bias + user_bias, items[positive] - 1)
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
         return model.score(batch.users)
