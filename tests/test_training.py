@@ -173,6 +173,32 @@ def _some_item_ids(root: str) -> list[int]:
     return items.column("item_id").to_pylist()[:5]
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields after "pid (comm)": state, ppid, pgrp, ...
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {int(p.name): int(stat[1]) for p in Path("/proc").iterdir()
+               if p.name.isdigit() and (stat := _stat(int(p.name)))}
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _process_group(leader: int) -> set[int]:
+    return {pid for pid in _descendants(leader) if (stat := _stat(pid)) and int(stat[2]) == leader}
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if (stat := _stat(pid)) and stat[0] != "Z"}
+
+
 def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: Path, capsys) -> None:
     epochs = 40
     settings = ["--root", gold_root, *TINY, *store(tmp_path), "--set", f"training.epochs={epochs}",
@@ -194,10 +220,18 @@ def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: P
                 if epoch >= 2:
                     break
             time.sleep(0.05)
+        ranks = _descendants(process.pid) - _process_group(process.pid)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and its torchrun ranks, mid-training
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and torchrun, mid-training
         process.wait()
     assert epoch >= 2, "training never checkpointed"
+    # torchrun puts its ranks in their own session, so the kill above orphans them: they must notice
+    # and stop rather than keep writing the checkpoints the resumed run is about to own.
+    assert ranks, "expected torchrun ranks outside the driver's process group"
+    deadline = time.monotonic() + 60
+    while _alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ranks), f"orphaned ranks still running: {_alive(ranks)}"
     run_id = started[0].name
     killed_at = torch.load(started[0] / "last.pt", weights_only=True)["epoch"]
     assert killed_at < epochs

@@ -82,10 +82,17 @@ class _Rank:
     rank: int
     world: int
     device: torch.device
+    launcher: int  # pid of the torchrun agent that started this rank
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    def stop_if_orphaned(self) -> None:
+        # torchrun starts ranks in their own session, so killing the driver's process group leaves
+        # them running; an orphan would keep overwriting the checkpoints a resumed run now owns.
+        if os.getppid() != self.launcher:
+            raise RuntimeError(f"rank {self.rank}: its launcher (pid {self.launcher}) is gone; stopping")
 
 
 def _start() -> _Rank:
@@ -99,7 +106,7 @@ def _start() -> _Rank:
     if not cuda:
         # Ranks share the machine's cores: oversubscribing threads slows every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return _Rank(rank, world, device)
+    return _Rank(rank, world, device, os.getppid())
 
 
 def _all_sum(values: np.ndarray, rank: _Rank) -> np.ndarray:
@@ -122,7 +129,7 @@ def evaluate(task: Task, model: nn.Module, source: TableSlice, job: TrainJob, ra
 
 
 def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: _State) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # never shared, even with a stray writer
     torch.save(
         {
             "model": model.state_dict(),
@@ -194,6 +201,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         join = trainer.join() if isinstance(trainer, DistributedDataParallel) else nullcontext()
         with join:
             for batch in prefetch(collate_with(batches, collate), job.prefetch_batches):
+                rank.stop_if_orphaned()
                 loss = trainer(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -213,6 +221,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         else:
             state.waited += 1
         state.epoch += 1
+        rank.stop_if_orphaned()
         if rank.leader:
             if improved:
                 torch.save(model.state_dict(), folder / BEST)
