@@ -355,6 +355,18 @@ def _train_and_register(
     )
 
 
+def _pyfunc_signature() -> Any:
+    """Raw item ids in, top-k raw ids and scores out; ``user_id`` is optional (only mf uses it)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("long"), "history"), ColSpec("long", "user_id", required=False)]),
+        outputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("double"), "scores")]),
+        params=ParamSchema([ParamSpec("k", "long", 10)]),
+    )
+
+
 def _log_models(
     lake: Lakehouse,
     settings: Settings,
@@ -384,11 +396,10 @@ def _log_models(
         artifacts = write_artifacts(Path(folder), spec, state, items, users)
         raw_items = items.column(ITEM_ID).to_pylist()[:3]
         example = pd.DataFrame({"history": [raw_items], "user_id": [0]})
-        output = pd.DataFrame({"item_ids": [[0]], "scores": [[0.0]]})
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=RecommenderModel(), artifacts=artifacts,
-            signature=infer_signature(example, output, params={"k": 10}), pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=settings.mlflow.registered_model,
+            signature=_pyfunc_signature(), input_example=example,
+            pip_requirements=PIP_REQUIREMENTS, registered_model_name=settings.mlflow.registered_model,
         )
         scoring = ScoringModule(task, network)
         if spec.name == "mf":
