@@ -259,6 +259,28 @@ def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str
     print({key: (one[key], two[key]) for key in ("hit@10", "ndcg@10", "mrr")})
 
 
+def test_learning_rate_decays_after_evaluations_without_improvement(gold_root: str, tmp_path: Path, capsys) -> None:
+    result = train(capsys, gold_root, tmp_path, "--model", "mf", "--set", "training.num_processes=1",
+                   "--set", "training.epochs=12", "--set", "training.patience=1000",
+                   "--set", "training.learning_rate=0.1", "--set", "training.lr_decay=0.5",
+                   "--set", "training.lr_decay_patience=1")
+    client = client_for(tmp_path)
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(result["run_id"], key), key=lambda m: m.step)]
+
+    validation, rates = history("val_ndcg_at_10"), history("learning_rate")
+    assert len(validation) == len(rates) == 12
+    best, rate = float("-inf"), 0.1
+    for score, logged in zip(validation, rates):
+        if score > best:
+            best = score
+        else:  # patience 1: every evaluation without a new best halves the rate
+            rate /= 2
+        assert logged == pytest.approx(rate), (validation, rates)
+    assert rates[-1] < 0.1, "the run never plateaued, so the test proved nothing"
+
+
 def test_train_json_from_library_matches_cli_contract_for_two_tower(gold_root: str, tmp_path: Path, capsys) -> None:
     result = train(capsys, gold_root, tmp_path, "--model", "two_tower", "--set", "training.num_processes=1",
                    "--set", "training.epochs=2")

@@ -51,6 +51,8 @@ class TrainJob:
     max_minutes: float | None = None
     batch_size: int = 128
     learning_rate: float = 1e-3
+    lr_decay: float = 1.0
+    lr_decay_patience: int = 3
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     loss: str = "full_softmax"
@@ -128,12 +130,13 @@ def evaluate(task: Task, model: nn.Module, source: TableSlice, job: TrainJob, ra
     return sums.means()
 
 
-def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: _State) -> None:
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, state: _State) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # never shared, even with a stray writer
     torch.save(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict() if schedule is not None else {},
             "epoch": state.epoch,
             "best": state.best,
             "best_epoch": state.best_epoch,
@@ -146,9 +149,11 @@ def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state:
     tmp.replace(path)  # a crash mid-save never leaves a torn checkpoint
 
 
-def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> _State:
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, schedule: Any = None) -> _State:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["model"])
+    if schedule is not None and saved.get("schedule"):
+        schedule.load_state_dict(saved["schedule"])
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
@@ -182,7 +187,11 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                                   betas=(0.9, 0.98))
     folder = Path(job.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    state = _load(folder / LAST, model, optimizer) if job.resume and (folder / LAST).exists() else _State()
+    # Every rank sees the same all-reduced validation metric, so their rates stay equal.
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=job.lr_decay, patience=job.lr_decay_patience - 1, threshold=0.0
+    ) if job.lr_decay < 1 else None
+    state = _load(folder / LAST, model, optimizer, schedule) if job.resume and (folder / LAST).exists() else _State()
     if job.resume and rank.leader:
         log_event(log, "train.resume", epoch=state.epoch, best=state.best)
     torch.manual_seed(job.seed + 1000 * state.epoch + rank.rank)  # dropout stream per rank/epoch
@@ -220,12 +229,15 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
             state.best, state.best_epoch, state.waited = record[f"val_{job.stop_metric}"], state.epoch, 0
         else:
             state.waited += 1
+        if schedule is not None:
+            schedule.step(metrics[job.stop_metric])
+            record["learning_rate"] = float(optimizer.param_groups[0]["lr"])
         state.epoch += 1
         rank.stop_if_orphaned()
         if rank.leader:
             if improved:
                 torch.save(model.state_dict(), folder / BEST)
-            _save(folder / LAST, model, optimizer, state)
+            _save(folder / LAST, model, optimizer, schedule, state)
             _log_epoch(job, record, record["epoch"])
             log_event(log, "train.epoch", epoch=record["epoch"], loss=round(record["train_loss"], 4),
                       **{f"val_{job.stop_metric}": round(metrics[job.stop_metric], 5)},

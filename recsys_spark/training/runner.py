@@ -268,7 +268,8 @@ def _train_job(settings: Settings, spec: ModelSpec, data: TrainingData, run_id: 
     return TrainJob(
         spec=spec, train=data.slice(TRAIN), validation=data.slice(VALIDATION), test=data.slice(TEST),
         checkpoint_dir=str(checkpoint_dir(settings, run_id)), epochs=t.epochs, patience=t.patience, max_minutes=t.max_minutes,
-        batch_size=t.batch_size, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        batch_size=t.batch_size, learning_rate=t.learning_rate, lr_decay=t.lr_decay,
+        lr_decay_patience=t.lr_decay_patience, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, loss=t.loss, num_negatives=t.num_negatives, seed=t.seed,
         buffer_rows=t.buffer_rows, prefetch_batches=t.prefetch_batches, ks=tuple(settings.evaluation.ks),
         stop_metric="ndcg@10" if 10 in settings.evaluation.ks else f"ndcg@{settings.evaluation.ks[0]}",
