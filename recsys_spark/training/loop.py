@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from recsys_spark.evaluation.evaluate import evaluate_scorer
 from recsys_spark.evaluation.metrics import metric_key
@@ -130,7 +131,8 @@ def evaluate(task: Task, model: nn.Module, source: TableSlice, job: TrainJob, ra
     return sums.means()
 
 
-def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, state: _State) -> None:
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: ReduceLROnPlateau | None,
+          state: _State) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # never shared, even with a stray writer
     torch.save(
         {
@@ -149,7 +151,8 @@ def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     tmp.replace(path)  # a crash mid-save never leaves a torn checkpoint
 
 
-def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, schedule: Any = None) -> _State:
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+          schedule: ReduceLROnPlateau | None = None) -> _State:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["model"])
     if schedule is not None and saved.get("schedule"):
@@ -188,7 +191,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
     folder = Path(job.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     # Every rank sees the same all-reduced validation metric, so their rates stay equal.
-    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+    schedule = ReduceLROnPlateau(
         optimizer, mode="max", factor=job.lr_decay, patience=job.lr_decay_patience - 1, threshold=0.0
     ) if job.lr_decay < 1 else None
     state = _load(folder / LAST, model, optimizer, schedule) if job.resume and (folder / LAST).exists() else _State()
