@@ -18,9 +18,9 @@ every write carries the Delta application transaction (``app_id``, batch id), so
 already committed the batch skips it. State merges are idempotent (events are deduplicated by
 their key), so recomputing a batch whose state was already committed gives the same lists.
 Keying on the batch id is sound because Spark writes a batch's offsets before running it. Files
-no written batch had claimed may be grouped differently after a restart (the file source can
-fold the file it was about to plan into the next batch), so batch ids are lineage: the content
-of every table equals an uninterrupted run's, not necessarily which batch wrote each row.
+that no written offsets cover yet may be grouped differently after a restart (the file source
+folds a file it had logged for its next batch into the batch it plans then), so batch ids are
+lineage: every table's content equals an uninterrupted run's, not which batch wrote each row.
 """
 
 from __future__ import annotations
