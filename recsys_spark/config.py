@@ -187,11 +187,11 @@ class TrainingSettings(_Section):
     batch_size: int = Field(128, gt=0, description="Global batch size, split across ranks.")
     learning_rate: float = Field(1e-3, gt=0)
     lr_decay: float = Field(
-        1.0, gt=0, le=1, description="Multiply the learning rate by this after lr_decay_patience "
+        0.3, gt=0, le=1, description="Multiply the learning rate by this after lr_decay_patience "
         "evaluations without a better validation metric (1.0: constant rate)."
     )
     lr_decay_patience: int = Field(3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay.")
     grad_clip: float = Field(5.0, gt=0, description="Max gradient norm.")
     loss: Literal["full_softmax", "sampled_softmax"] = Field(
         "full_softmax", description="sampled_softmax (with log-Q correction) for big catalogues."
