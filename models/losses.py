@@ -8,11 +8,69 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
-def full_softmax(hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every item. hidden (N, D), catalogue (I, D), targets (N,) in 1..I."""
-    return F.cross_entropy(hidden @ catalogue.T, targets - 1)
+# Rows of logits per block: a (256, I) float block stays close to a core's cache for catalogues of
+# ~10^4 items, and per-block matmuls are still large enough to run at full speed.
+FULL_SOFTMAX_BLOCK_ROWS = 256
+
+
+class _BlockwiseSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ catalogue.T`` without materialising the (N, I) logits.
+
+    Each block of rows computes its logits, log-sum-exp and gradient (softmax minus one-hot) in
+    one pass, so at most one (block, I) array exists at a time instead of the several (N, I)
+    ones autograd would keep. The logits never round-trip through main memory, which is where the
+    plain version spends its time on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor,
+                block_rows: int) -> torch.Tensor:
+        rows = hidden.shape[0]
+        exact = torch.promote_types(hidden.dtype, torch.float32)  # half-precision inputs sum in float32
+        want_hidden, want_catalogue = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_catalogue = torch.zeros_like(catalogue, dtype=exact) if want_catalogue else None
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        for start in range(0, rows, block_rows):
+            block = hidden[start:start + block_rows]
+            index = targets[start:start + block_rows, None]
+            logits = (block @ catalogue.T).to(exact)
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (normaliser - logits.gather(1, index)).sum()
+            if want_hidden or want_catalogue:
+                probabilities = logits.sub_(normaliser).exp_()
+                probabilities.scatter_add_(1, index, torch.full_like(index, -1, dtype=probabilities.dtype))
+                gradient = probabilities.to(hidden.dtype)
+                if want_hidden:
+                    grad_hidden[start:start + block_rows] = gradient @ catalogue
+                if want_catalogue:
+                    grad_catalogue.addmm_(gradient.T.to(exact), block.to(exact))
+        ctx.rows = max(rows, 1)
+        ctx.save_for_backward(grad_hidden, None if grad_catalogue is None else grad_catalogue.to(catalogue.dtype))
+        return total / ctx.rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_catalogue = ctx.saved_tensors
+        scale = grad_output / ctx.rows
+        return (None if grad_hidden is None else grad_hidden * scale,
+                None if grad_catalogue is None else grad_catalogue * scale, None, None)
+
+
+def full_softmax(hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor,
+                 *, block_rows: int = FULL_SOFTMAX_BLOCK_ROWS) -> torch.Tensor:
+    """Cross-entropy over every item. hidden (N, D), catalogue (I, D), targets (N,) in 1..I.
+
+    Equal to ``F.cross_entropy(hidden @ catalogue.T, targets - 1)`` (value and gradients), computed
+    ``block_rows`` rows at a time; not twice differentiable.
+    """
+    if targets.numel() and not (1 <= int(targets.min()) and int(targets.max()) <= catalogue.shape[0]):
+        raise ValueError(f"targets must be item ids in 1..{catalogue.shape[0]}")
+    return _BlockwiseSoftmaxCrossEntropy.apply(hidden, catalogue, targets - 1, block_rows)
 
 
 def sampled_softmax(

@@ -172,7 +172,7 @@ class MFSettings(_Section):
 class TrainingSettings(_Section):
     model: Literal["sasrec", "two_tower", "mf"] = Field("sasrec", description="Default model.")
     num_processes: int = Field(
-        2, gt=0, description="TorchDistributor processes (DDP ranks); 1 also works."
+        1, gt=0, description="TorchDistributor processes (DDP ranks): one per GPU or per few cores."
     )
     local_mode: bool | None = Field(
         None, description="Run ranks on the driver (default: when spark.master is local)."

@@ -67,8 +67,8 @@ def run_demo(
     features = build_features(spark, lake, settings)
     say(f"    as of {features.as_of:%Y-%m-%d %H:%M} UTC, split protocol {features.protocol}")
 
-
-    say(f"4/7 training sasrec with TorchDistributor ({settings.training.num_processes} processes, "
+    processes = settings.training.num_processes
+    say(f"4/7 training sasrec with TorchDistributor ({processes} process{'es' if processes > 1 else ''}, "
         f"at most {DEMO_TRAINING_MINUTES:g} minutes), logging to MLflow")
     settings.training.max_minutes = min(settings.training.max_minutes or DEMO_TRAINING_MINUTES, DEMO_TRAINING_MINUTES)
     trained = run_training(spark, lake, settings, model="sasrec")

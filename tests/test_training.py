@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from models.losses import full_softmax
 from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, TRAIN
 from recsys_spark.training.batches import EvalBatch, SequenceBatch
 from recsys_spark.training.tasks import TASKS, LossModule, LossOptions, ModelSpec
@@ -31,6 +32,7 @@ TINY = [
     "--set", "training.two_tower.dim=16",
     "--set", "training.two_tower.hidden=32",
     "--set", "logging.level=WARNING",
+    "--set", "training.num_processes=2",  # CI proves DDP; tests that need one rank say so after this
 ]
 UNTRAINED = ["--set", "training.learning_rate=1e-7", "--set", "training.epochs=1",
              "--set", "training.num_processes=1"]
@@ -71,6 +73,30 @@ def test_models_package_is_plain_pytorch() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("rows,block_rows", [(37, 8), (37, 256), (0, 8)])
+def test_blockwise_full_softmax_equals_plain_cross_entropy(rows: int, block_rows: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    catalogue = torch.randn(23, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(1, 24, (rows,), generator=generator)
+    value = full_softmax(hidden, catalogue, targets, block_rows=block_rows)
+    value.backward()
+    if rows == 0:  # a batch without scored positions contributes nothing (plain cross-entropy: nan)
+        assert float(value) == 0.0 and float(catalogue.grad.abs().sum()) == 0.0
+        return
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference_catalogue = catalogue.detach().clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(reference_hidden @ reference_catalogue.T, targets - 1)
+    reference.backward()
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad)
+    torch.testing.assert_close(catalogue.grad, reference_catalogue.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(full_softmax(hidden, catalogue, targets, block_rows=block_rows), reference)
+    with pytest.raises(ValueError, match="1..23"):
+        full_softmax(hidden, catalogue, targets - 1)
 
 
 def _batch(num_items: int, rows: int = 16, length: int = 8) -> SequenceBatch:

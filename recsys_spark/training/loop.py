@@ -221,11 +221,12 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                 optimizer.step()
                 loss_sum += (float(loss.detach()), 1.0)
         loss_sum = _all_sum(loss_sum, rank)
+        trained = time.perf_counter()
         metrics = evaluate(task, model, job.validation, job, rank)
         # Plain floats: checkpoints are loaded with weights_only=True, which refuses numpy scalars.
         record = {"epoch": state.epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1.0)),
                   **{f"val_{k}": float(v) for k, v in metrics.items()},
-                  "epoch_seconds": time.perf_counter() - started}
+                  "epoch_seconds": time.perf_counter() - started, "validation_seconds": time.perf_counter() - trained}
         state.history.append(record)
         improved = metrics[job.stop_metric] > state.best
         if improved:
@@ -244,7 +245,8 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
             _log_epoch(job, record, record["epoch"])
             log_event(log, "train.epoch", epoch=record["epoch"], loss=round(record["train_loss"], 4),
                       **{f"val_{job.stop_metric}": round(metrics[job.stop_metric], 5)},
-                      best=round(state.best, 5), seconds=round(record["epoch_seconds"], 1))
+                      best=round(state.best, 5), seconds=round(record["epoch_seconds"], 1),
+                      validation_seconds=round(record["validation_seconds"], 1))
         if rank.world > 1:
             dist.barrier()  # checkpoints are on disk before any rank moves on
         if state.waited >= job.patience:
