@@ -6,7 +6,8 @@ baseline — and writes one table to docs/benchmarks.md.
     python bench/quality.py [--data PATH] [--root DIR] [--minutes 26] [--reuse]
 
 ``--reuse`` keeps a lakehouse from an earlier run of this benchmark and takes the sasrec result
-from its MLflow store (the newest finished sasrec run), re-running only the baselines.
+from its MLflow store — the newest finished sasrec run trained with today's default training
+config (any time budget) — re-running only the baselines.
 """
 
 from __future__ import annotations
@@ -35,18 +36,31 @@ def recsys(*argv: str) -> dict:
     return result
 
 
+def default_training_params() -> dict[str, str]:
+    """``training.*`` params as a run with the default config logs them (time budget aside)."""
+    from recsys_spark.config import load_settings
+    from recsys_spark.tracking import flatten
+
+    settings = load_settings(REPO / "conf" / "local.yaml", environ={})
+    params = flatten(settings.model_dump(mode="json"))
+    return {k: v for k, v in params.items() if k.startswith("training.") and k != "training.max_minutes"}
+
+
 def trained_run(root: str) -> dict:
-    """The newest finished sasrec run in ``root``'s MLflow store, shaped like ``recsys train --json``."""
+    """The newest finished sasrec run in ``root``'s MLflow store whose training params are the
+    defaults (so the table's "default config" stays true), shaped like ``recsys train --json``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db")
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        "tags.`recsys.model` = 'sasrec' and attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"],
-        max_results=1)
+        "tags.`recsys.model` = 'sasrec' and attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"])
+    defaults = default_training_params()
+    runs = [r for r in runs if all(r.data.params.get(k) == v for k, v in defaults.items())]
     if not runs:
-        sys.exit(f"--reuse: no finished sasrec run in {root}")
+        sys.exit(f"--reuse: no finished sasrec run with the default training config in {root}")
     run = runs[0]
+    print(f"reusing sasrec run {run.info.run_id}", flush=True)
     metrics = run.data.metrics
     test = {k.removeprefix("test_").replace("_at_", "@"): v for k, v in metrics.items() if k.startswith("test_")}
     curve = client.get_metric_history(run.info.run_id, "val_ndcg_at_10")

@@ -185,7 +185,7 @@ class TrainingSettings(_Section):
         None, gt=0, description="Time budget: no new epoch starts after this (the best epoch is kept)."
     )
     batch_size: int = Field(128, gt=0, description="Global batch size, split across ranks.")
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     lr_decay: float = Field(
         0.3, gt=0, le=1, description="Multiply the learning rate by this after lr_decay_patience "
         "evaluations without a better validation metric (1.0: constant rate)."
