@@ -79,3 +79,47 @@ def test_random_scores_match_a_numpy_reference() -> None:
     ranks = [(scores[i] >= scores[i, targets[i, 0]]).sum() - 1 for i in range(20)]
     assert m["hit@10"] == sum(r < 10 for r in ranks)
     assert m["ndcg@10"] == pytest.approx(sum(1 / math.log2(r + 2) for r in ranks if r < 10))
+
+
+def test_streamed_sharded_evaluation_equals_one_batch(tmp_path) -> None:
+    """``evaluate_scorer`` streams a Delta split in small batches, sharded over ranks; the sums
+    must equal one batch over every row."""
+    import pyarrow as pa
+    from deltalake import WriterProperties, write_deltalake
+
+    from recsys_spark.evaluation.evaluate import evaluate_scorer
+    from recsys_spark.training.data import TableSlice
+
+    rng = np.random.default_rng(3)
+    n, items = 700, 40
+    lengths = rng.integers(1, 12, n)
+    histories = [rng.integers(0, items, k).tolist() for k in lengths]
+    targets = [[int(t)] for t in rng.integers(0, items, n)]
+    table = pa.table({
+        "user_idx": pa.array(np.arange(n), pa.int32()),
+        "history_items": pa.array(histories, pa.list_(pa.int32())),
+        "history_behaviors": pa.array([[1] * k for k in lengths], pa.list_(pa.int8())),
+        "history_gaps": pa.array([[0] * k for k in lengths], pa.list_(pa.int64())),
+        "targets": pa.array(targets, pa.list_(pa.int32())),
+        "seen_items": pa.array(histories, pa.list_(pa.int32())),
+        "split": ["validation"] * n,
+    })
+    path = str(tmp_path / "examples")
+    write_deltalake(path, table, partition_by=["split"], writer_properties=WriterProperties(max_row_group_size=100))
+    user_scores = torch.randn(n, items, generator=torch.Generator().manual_seed(0))
+
+    def score(batch):  # depends on the row only, not on its batch
+        return user_scores[batch.users]
+
+    total = empty_sums(items)
+    for rank in range(2):
+        total.add(evaluate_scorer(score, TableSlice(path, 0, "validation"), num_items=items, max_length=50,
+                                  ks=(5, 10, 20), mask_seen=True, batch_size=16, rank=rank, world_size=2))
+    seen = torch.full((n, int(lengths.max())), -1)
+    for row, history in enumerate(histories):
+        seen[row, : len(history)] = torch.tensor(history)
+    expected = batch_sums(user_scores, torch.tensor(targets), seen)
+    assert total.rows == n
+    assert total.sums == pytest.approx(expected.sums)
+    for k in (5, 10, 20):
+        assert (total.recommended[k] == expected.recommended[k]).all()

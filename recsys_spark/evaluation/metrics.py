@@ -126,6 +126,8 @@ def batch_sums(
     valid = targets >= 0
     n_targets = valid.sum(1).float()
     gains = 1.0 / torch.log2(ranks.float() + 2.0)
+    # One sorted top-K for the largest K; each smaller K is its prefix.
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
     for k in ks:
         hits = (ranks < k) & valid
         ideal = (1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2.0)).cumsum(0)
@@ -133,9 +135,8 @@ def batch_sums(
         sums.sums[f"hit@{k}"] = float(hits.any(1).float().sum())
         sums.sums[f"recall@{k}"] = float((hits.sum(1) / n_targets).sum())
         sums.sums[f"ndcg@{k}"] = float(((gains * hits).sum(1) / idcg).sum())
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        finite = torch.isfinite(top.values)
-        sums.recommended[k][top.indices[finite].cpu().numpy()] = True
+        values, indices = top.values[:, :k], top.indices[:, :k]
+        sums.recommended[k][indices[torch.isfinite(values)].cpu().numpy()] = True
     sums.sums["mrr"] = float((1.0 / (ranks.min(1).values.float() + 1.0)).sum())
     sums.rows = float(len(targets))
     return sums
