@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from deltalake import WriterProperties, write_deltalake
 
+from recsys_spark.evaluation.evaluate import evaluate_scorer
 from recsys_spark.evaluation.metrics import batch_sums, empty_sums, target_ranks
+from recsys_spark.training.data import TableSlice
 
 
 def test_single_target_by_hand() -> None:
@@ -84,12 +88,6 @@ def test_random_scores_match_a_numpy_reference() -> None:
 def test_streamed_sharded_evaluation_equals_one_batch(tmp_path) -> None:
     """``evaluate_scorer`` streams a Delta split in small batches, sharded over ranks; the sums
     must equal one batch over every row."""
-    import pyarrow as pa
-    from deltalake import WriterProperties, write_deltalake
-
-    from recsys_spark.evaluation.evaluate import evaluate_scorer
-    from recsys_spark.training.data import TableSlice
-
     rng = np.random.default_rng(3)
     n, items = 700, 40
     lengths = rng.integers(1, 12, n)
