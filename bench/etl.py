@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -49,6 +50,21 @@ def worker_floor(csv: str, work: Path) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+class _StageSeconds(logging.Handler):
+    """Collects the seconds of every stage the pipeline logs with ``timed`` (``<stage>.done``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        event = record.getMessage()
+        if event.endswith(".done") and "seconds" in fields:
+            stage = event.removesuffix(".done") + (f" {fields['table']}" if "table" in fields else "")
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + fields["seconds"]
+
+
 def worker_pipeline(csv: str, work: Path) -> dict:
     from recsys_spark.features import build_features
     from recsys_spark.ingest import run_ingest
@@ -59,6 +75,12 @@ def worker_pipeline(csv: str, work: Path) -> dict:
     spark = get_spark(settings)
     lake = open_lakehouse(spark, settings)
     spark.range(1).count()
+    stages = _StageSeconds()
+    logger = logging.getLogger("recsys")
+    for handler in logger.handlers:
+        handler.setLevel(logging.WARNING)  # the console stays quiet; stages are counted below
+    logger.addHandler(stages)
+    logger.setLevel(logging.INFO)
     start = time.perf_counter()
     report = run_ingest(spark, lake, settings, input_path=csv, fmt="taobao")
     middle = time.perf_counter()
@@ -70,6 +92,7 @@ def worker_pipeline(csv: str, work: Path) -> dict:
         "seconds": end - start,
         "rows_clean": report.rows_clean,
         "gold_rows": features.rows,
+        "stages": stages.seconds,
     }
 
 
@@ -126,6 +149,9 @@ def main() -> None:
             f"| {gib(floor.peak_total_bytes)} | {gib(pipe.peak_total_bytes)} "
             f"({gib(pipe.peak_jvm_bytes)} / {gib(pipe.peak_python_bytes)}) |"
         )
+    events, _, pipe = rows[-1]
+    stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in pipe.result["stages"].items())
+    lines += ["", f"Stages at {events:,} events (seconds): {stages}."]
     last_ratio = rows[-1][2].result["seconds"] / rows[-1][1].result["seconds"]
     peak = max(p.peak_total_bytes for _, _, p in rows) / 2**30
     lines += [

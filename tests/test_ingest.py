@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ from recsys_spark.constants import (
     SILVER_USER_INDEX,
 )
 from recsys_spark.generate import GeneratorConfig, write_log
+from recsys_spark.ingest.transforms import (
+    TIEBREAK,
+    event_key,
+    event_key_hash,
+    first_occurrences,
+    repeated_key_hashes,
+)
 from recsys_spark.storage import Lakehouse
 from tests.conftest import run_cli, shared_file
 
@@ -230,3 +238,32 @@ def test_real_amazon_toys_sequences(spark, lake: Lakehouse, settings, capsys) ->
     assert report["lines_in"] == 19_412
     assert report["rows_quarantined"] == 0
     assert 160_000 < report["rows_clean"] <= report["rows_in"]
+
+
+def test_duplicate_detection_uses_the_key_not_only_its_hash(spark) -> None:
+    at = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)  # 1714564800 s
+    rows = [  # (event_id, user, item, behaviour, ts, tiebreak, file)
+        (None, 1, 10, "pv", at, 5, "a.csv"),
+        (None, 1, 10, "pv", at, 3, "b.csv"),  # same natural key: wins on the smaller tiebreak
+        (None, 1, 10, "buy", at, 1, "a.csv"),  # differs in behaviour only
+        ("x7", 1, 10, "pv", at, 9, "a.csv"),  # an event id is the key, whatever the fields say
+        ("x7", 2, 11, "cart", at, 8, "b.csv"),
+        ("x8", 2, 11, "cart", at, 7, "b.csv"),
+    ]
+    events = spark.createDataFrame(
+        rows, f"event_id string, user_id long, item_id long, behavior_type string, event_ts timestamp, "
+              f"{TIEBREAK} long, source_file string")
+    pairs = {(r.key, r.hash) for r in events.select(event_key().alias("key"), event_key_hash().alias("hash")).collect()}
+    assert len(pairs) == 4  # four keys, each with one hash
+    assert len({h for _, h in pairs}) == 4  # and no two of them share it
+
+    repeated = repeated_key_hashes(events)
+    assert repeated.count() == 2
+    kept = first_occurrences(events, repeated).select(event_key().alias("key"), TIEBREAK).collect()
+    assert sorted((r.key, r[TIEBREAK]) for r in kept) == sorted(
+        [("1:10:pv:1714564800000000", 3), ("1:10:buy:1714564800000000", 1), ("e:x7", 8), ("e:x8", 7)])
+
+    # A hash shared by different keys (a collision, forced here by marking every hash repeated)
+    # must not merge them: ranking is by the key itself.
+    everything = events.select(event_key_hash().alias("_key_hash")).distinct()
+    assert first_occurrences(events, everything).count() == 4

@@ -53,7 +53,6 @@ from recsys_spark.ingest.transforms import (
     TIEBREAK,
     bronze_rows,
     drop_known,
-    event_key,
     first_occurrences,
     repeated_key_hashes,
     new_index_entries,
@@ -243,20 +242,19 @@ def _ingest_files(
                 partition_by=[INGEST_DATE], idempotency=once,
             ).version
         valid = parsed.filter(F.col(REASON).isNull()).drop(RAW, REASON, DETAIL)
-        with timed(log, "ingest.deduplicate", run_id=run_id):
-            repeated = repeated_key_hashes(valid).persist()  # small: duplicates are rare
-            try:
-                known = _known_keys(lake, summary, run_id)
-                clean = scratch.put(drop_known(first_occurrences(valid, repeated), known), "clean")
-            finally:
-                repeated.unpersist()
+        # Dictionaries from every valid row: a duplicate or an already-ingested event carries
+        # ids that its first occurrence brings anyway, so the result equals that of the clean
+        # rows without staging them.
         with timed(log, "ingest.dictionaries", run_id=run_id) as out:
-            user_index, new_users = _extend_index(lake, clean, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
-            item_index, new_items = _extend_index(lake, clean, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
+            user_index, new_users = _extend_index(lake, valid, SILVER_USER_INDEX, USER_ID, USER_IDX, once)
+            item_index, new_items = _extend_index(lake, valid, SILVER_ITEM_INDEX, ITEM_ID, ITEM_IDX, once)
             out.update(new_users=new_users, new_items=new_items)
         versions[SILVER_USER_INDEX] = lake.version(SILVER_USER_INDEX)
         versions[SILVER_ITEM_INDEX] = lake.version(SILVER_ITEM_INDEX)
+        with timed(log, "ingest.deduplicate", run_id=run_id):
+            repeated = scratch.put(repeated_key_hashes(valid), "repeated")  # small: duplicates are rare
         with timed(log, "ingest.silver", run_id=run_id):
+            clean = drop_known(first_occurrences(valid, repeated), _known_keys(lake, summary, run_id))
             result = lake.write(
                 silver_rows(with_indices(clean, user_index, item_index), run_id),
                 SILVER_EVENTS,
@@ -291,13 +289,12 @@ def _ingest_files(
 
 
 def staged_parse(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> DataFrame:
-    """Parsed rows as staged for the later passes: typed fields, reason, the event key and a
-    tie-break hash of the raw line; the raw text itself only where it will be quarantined."""
+    """Parsed rows as staged for the later passes: typed fields, reason and a tie-break hash of
+    the raw line; the raw text itself only where it will be quarantined."""
     parsed = parse_lines(raw, fmt, rules)
     return parsed.select(
         *[c for c in parsed.columns if c != RAW],
         F.when(F.col(REASON).isNotNull(), F.col(RAW)).alias(RAW),
-        event_key().alias(EVENT_KEY),
         F.xxhash64(RAW).alias(TIEBREAK),
     )
 

@@ -66,48 +66,53 @@ def event_key(
     return F.coalesce(F.concat(F.lit("e:"), F.col(col_event_id)), natural)
 
 
-def repeated_key_hashes(events: DataFrame, *, col_key: str = EVENT_KEY) -> DataFrame:
-    """64-bit hashes of the keys that occur more than once (column ``_key_hash``).
+def event_key_hash() -> Column:
+    """A 64-bit hash that is equal whenever ``event_key()`` is, from the typed columns: hashing
+    two longs, a short string and a timestamp is much cheaper than building the key string."""
+    natural = F.xxhash64(F.col(USER_ID), F.col(ITEM_ID), F.col(BEHAVIOR), F.col(EVENT_TS))
+    # Not coalesce: Spark's xxhash64 skips null arguments instead of returning null.
+    return F.when(F.col(EVENT_ID).isNotNull(), F.xxhash64(F.col(EVENT_ID))).otherwise(natural)
+
+
+def repeated_key_hashes(events: DataFrame) -> DataFrame:
+    """Hashes of the event keys that occur more than once (column ``_key_hash``).
 
     Duplicates are rare, so rather than sorting every event by its key, one hash aggregation
     finds the few repeated hashes; ``first_occurrences`` ranks only rows carrying one of them.
     """
     return (
-        events.groupBy(F.xxhash64(col_key).alias("_key_hash"))
+        events.groupBy(event_key_hash().alias("_key_hash"))
         .count()
         .filter(F.col("count") > 1)
         .select("_key_hash")
     )
 
 
-def first_occurrences(
-    events: DataFrame,
-    repeated: DataFrame,
-    *,
-    col_key: str = EVENT_KEY,
-    col_tiebreak: str = TIEBREAK,
-) -> DataFrame:
-    """One row per key, given ``repeated_key_hashes(events)``. Among rows sharing a key the
-    smallest ``col_tiebreak`` (a hash of the raw line) wins, so a rerun keeps the same row;
-    ranking by the key itself also resolves hash collisions.
+def first_occurrences(events: DataFrame, repeated: DataFrame, *, col_tiebreak: str = TIEBREAK) -> DataFrame:
+    """One row per event key, given ``repeated_key_hashes(events)``. Among rows sharing a key
+    the smallest ``col_tiebreak`` (a hash of the raw line) wins, so a rerun keeps the same row;
+    ranking by the key string itself resolves hash collisions.
     """
-    hashed = events.withColumn("_key_hash", F.xxhash64(col_key))
+    hashed = events.withColumn("_key_hash", event_key_hash())
     unique = hashed.join(repeated, "_key_hash", "left_anti")
-    order = Window.partitionBy(col_key).orderBy(F.col(col_tiebreak), F.col(SOURCE_FILE))
+    order = Window.partitionBy("_key").orderBy(F.col(col_tiebreak), F.col(SOURCE_FILE))
     winners = (
         hashed.join(repeated, "_key_hash", "left_semi")
+        .withColumn("_key", event_key())
         .withColumn("_occurrence", F.row_number().over(order))
         .filter(F.col("_occurrence") == 1)
-        .drop("_occurrence")
+        .drop("_occurrence", "_key")
     )
     return unique.unionByName(winners).drop("_key_hash")
 
 
 def drop_known(events: DataFrame, known_keys: DataFrame | None, *, col_key: str = EVENT_KEY) -> DataFrame:
-    """Events whose key is not among ``known_keys`` (already-ingested events)."""
+    """Events whose ``event_key()`` is not among ``known_keys`` (already-ingested events)."""
     if known_keys is None:
         return events
-    return events.join(known_keys.select(col_key).distinct(), on=col_key, how="left_anti")
+    keyed = events.withColumn("_key", event_key())
+    known = known_keys.select(F.col(col_key).alias("_key")).distinct()
+    return keyed.join(known, on="_key", how="left_anti").drop("_key")
 
 
 def new_index_entries(
@@ -141,7 +146,7 @@ def with_indices(events: DataFrame, user_index: DataFrame, item_index: DataFrame
 
 
 def silver_rows(events: DataFrame, run_id: str) -> DataFrame:
-    return events.select(
+    return events.withColumn(EVENT_KEY, event_key()).select(
         *[c for c in SILVER_EVENT_COLUMNS if c not in (RUN_ID, EVENT_DATE)],
         F.lit(run_id).alias(RUN_ID),
         F.to_date(EVENT_TS).alias(EVENT_DATE),
