@@ -60,7 +60,8 @@ class _StageSeconds(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", {})
         event = record.getMessage()
-        if event.endswith(".done") and "seconds" in fields:
+        # "ingest.done" is the whole run's total, not a stage
+        if event.endswith(".done") and "seconds" in fields and event.count(".") > 1:
             stage = event.removesuffix(".done") + (f" {fields['table']}" if "table" in fields else "")
             self.seconds[stage] = self.seconds.get(stage, 0.0) + fields["seconds"]
 
