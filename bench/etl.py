@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, gib, machine, record, run_worker  # noqa: E402
 
+from recsys_spark.logs import event_fields  # noqa: E402
+
 TARGET_RATIO = 2.0
 TARGET_PEAK_GIB = 4.0
 DAYS = 7
@@ -58,7 +60,7 @@ class _StageSeconds(logging.Handler):
         self.seconds: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", {})
+        fields = event_fields(record)
         event = record.getMessage()
         # "ingest.done" is the whole run's total, not a stage
         if event.endswith(".done") and "seconds" in fields and event.count(".") > 1:

@@ -18,11 +18,16 @@ from typing import Any
 _FIELDS = "fields"
 
 
+def event_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields ``log_event`` attached to ``record`` (empty for other records)."""
+    return getattr(record, _FIELDS, {})
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         parts = [stamp, record.levelname, record.name, record.getMessage()]
-        for key, value in getattr(record, _FIELDS, {}).items():
+        for key, value in event_fields(record).items():
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             parts.append(f"{key}={text}" if " " not in text else f"{key}={json.dumps(text)}")
         line = " ".join(parts)
@@ -38,7 +43,7 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),
-            **getattr(record, _FIELDS, {}),
+            **event_fields(record),
         }
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
