@@ -43,13 +43,55 @@ class ItemEmbedding(nn.Module):
         return self.weight[1:]
 
 
-class CausalBlock(nn.Module):
-    """Pre-LN transformer block with causal self-attention (SASRec's block, pre-norm variant)."""
+class CausalLowPass(nn.Module):
+    """A causal low-pass filter over the sequence with a learned gain on what it removes.
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    BSARec (Shin et al., AAAI 2024) mixes self-attention with a Fourier filter that keeps a
+    sequence's low frequencies and rescales the rest, an inductive bias that helps on sparse
+    e-commerce data. Its filter sees the whole sequence, which would leak each position's target
+    under SASRec's every-position objective; this one only looks back: the low part is a
+    per-channel exponentially decayed mean of the positions up to t (decay learned, padding
+    excluded), and ``low + beta * (x - low)`` rescales the high part per channel.
+
+    Example::
+
+        lowpass = CausalLowPass(dim=32)
+        y = lowpass(torch.randn(4, 10, 32), padding=torch.zeros(4, 10, dtype=torch.bool))  # (4, 10, 32)
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # Decays start spread over sigmoid(-1..3) = 0.27..0.95: short to long memories per channel.
+        self.decay_logit = nn.Parameter(torch.linspace(-1.0, 3.0, dim))
+        self.beta = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), padding (B, L) True at padded positions -> (B, L, D)."""
+        steps = torch.arange(x.shape[1], device=x.device)
+        lag = steps[:, None] - steps[None, :]                                     # (L, L): t - s
+        # weight[d, t, s] = decay_d ** (t - s) for s <= t, else 0
+        weight = torch.exp(lag.clamp(min=0).to(x.dtype) * F.logsigmoid(self.decay_logit)[:, None, None])
+        weight = weight * (lag >= 0).to(x.dtype)
+        keep = (~padding).to(x.dtype)
+        total = torch.einsum("dts,bsd->btd", weight, x * keep.unsqueeze(-1))
+        norm = torch.einsum("dts,bs->btd", weight, keep).clamp(min=1e-6)
+        low = total / norm
+        return low + self.beta * (x - low)
+
+
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block with causal self-attention (SASRec's block, pre-norm variant).
+
+    With ``lowpass_mix`` = a in (0, 1] the token mixing is a * low-pass filter + (1 - a) *
+    attention, BSARec's blend with a causal filter (``CausalLowPass``).
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, lowpass_mix: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.lowpass_mix = lowpass_mix
+        self.lowpass = CausalLowPass(dim) if lowpass_mix > 0 else None
         self.heads = heads
         self.attn_norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -60,14 +102,19 @@ class CausalBlock(nn.Module):
         # draw per element, and attention-weight dropout forces the unfused attention path.
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D); allowed (B, 1, L, L) True where a query may attend to a key."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D); allowed (B, 1, L, L) True where a query may attend to a key;
+        padding (B, L) True at padded positions."""
         b, length, dim = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).chunk(3, dim=-1)
+        normed = self.attn_norm(x)
+        q, k, v = self.qkv(normed).chunk(3, dim=-1)
         shape = (b, length, self.heads, dim // self.heads)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, length, dim)))
+        mixed = self.out(attended.transpose(1, 2).reshape(b, length, dim))
+        if self.lowpass is not None:
+            mixed = self.lowpass_mix * self.lowpass(normed, padding) + (1 - self.lowpass_mix) * mixed
+        x = x + self.dropout(mixed)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -80,9 +127,10 @@ class CausalEncoder(nn.Module):
         h = encoder(torch.randn(4, 10, 32), padding=torch.zeros(4, 10, dtype=torch.bool))
     """
 
-    def __init__(self, dim: int, heads: int, blocks: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, blocks: int, ffn_dim: int, dropout: float,
+                 lowpass_mix: float = 0.0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(CausalBlock(dim, heads, ffn_dim, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, ffn_dim, dropout, lowpass_mix) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -93,7 +141,7 @@ class CausalEncoder(nn.Module):
         # A padded query would have no key at all (NaN); let every position see itself.
         allowed = (allowed | torch.eye(length, dtype=torch.bool, device=x.device)).unsqueeze(1)
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, allowed, padding)
         return self.norm(x) * (~padding).unsqueeze(-1)
 
 

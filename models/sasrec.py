@@ -27,6 +27,9 @@ class SASRecConfig:
     num_behaviors: int = 4
     use_gaps: bool = False
     gap_buckets: int = 24
+    # Share of each block's token mixing done by the causal low-pass filter instead of attention
+    # (0 = plain SASRec, the default here so models saved before the filter existed still load).
+    lowpass_mix: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_items", "max_length", "dim", "heads", "blocks", "ffn_dim"):
@@ -34,12 +37,16 @@ class SASRecConfig:
                 raise ValueError(f"SASRec {name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"SASRec dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.lowpass_mix <= 1:
+            raise ValueError(f"SASRec lowpass_mix must be in [0, 1], got {self.lowpass_mix}")
 
 
 class SASRec(nn.Module):
     """Causal self-attention over the item sequence; item embeddings tied to the output layer.
 
-    Optional inputs add behaviour-type and time-gap embeddings to each position.
+    Optional inputs add behaviour-type and time-gap embeddings to each position. With
+    ``lowpass_mix`` > 0 each block mixes tokens with a causal low-pass filter beside attention
+    (see ``CausalLowPass``).
 
     Example::
 
@@ -63,7 +70,7 @@ class SASRec(nn.Module):
         )
         self.input_dropout = nn.Dropout(config.dropout)
         self.encoder = CausalEncoder(
-            config.dim, config.heads, config.blocks, config.ffn_dim, config.dropout
+            config.dim, config.heads, config.blocks, config.ffn_dim, config.dropout, config.lowpass_mix
         )
 
     def forward(

@@ -150,6 +150,9 @@ class SASRecSettings(_Section):
     dropout: float = Field(0.5, ge=0, lt=1, description="High: sparse e-commerce data overfits fast.")
     use_behaviors: bool = Field(False, description="Add behaviour-type embeddings.")
     use_gaps: bool = Field(False, description="Add log-bucketed time-gap embeddings.")
+    lowpass_mix: float = Field(0.5, ge=0, le=1, description=(
+        "Share of each block's token mixing done by a causal low-pass filter instead of attention "
+        "(BSARec's inductive bias; 0 = plain SASRec)."))
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> SASRecSettings:

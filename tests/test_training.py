@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from models.losses import full_softmax
+from models.sasrec import SASRec, SASRecConfig
 from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, TRAIN
 from recsys_spark.training.batches import EvalBatch, SequenceBatch
 from recsys_spark.training.tasks import TASKS, LossModule, LossOptions, ModelSpec
@@ -99,6 +100,24 @@ def test_blockwise_full_softmax_equals_plain_cross_entropy(rows: int, block_rows
         full_softmax(hidden, catalogue, targets - 1)
 
 
+@pytest.mark.parametrize("lowpass_mix", [0.0, 0.5, 1.0])
+def test_sasrec_position_sees_only_its_past_and_ignores_left_padding(lowpass_mix: float) -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=30, max_length=12, dim=16, heads=2, ffn_dim=32, lowpass_mix=lowpass_mix))
+    model.eval()
+    items = torch.tensor([[0, 0, 0, 0, 3, 7, 1, 9, 4, 22, 5, 8]])
+    hidden = model(items)
+    future_changed = items.clone()
+    future_changed[0, 9:] = torch.tensor([11, 12, 13])
+    # position t's output is the prediction of item t+1: it must not move when later items change
+    torch.testing.assert_close(model(future_changed)[0, :9], hidden[0, :9])
+    assert not torch.allclose(model(future_changed)[0, 9:], hidden[0, 9:])
+    # padding is not history: a shorter window over the same events gives the same newest state
+    torch.testing.assert_close(model(items[:, 4:])[0, -1], hidden[0, -1])
+    mixed = [block.lowpass for block in model.encoder.blocks]
+    assert all((m is None) == (lowpass_mix == 0.0) for m in mixed)
+
+
 def _batch(num_items: int, rows: int = 16, length: int = 8) -> SequenceBatch:
     generator = torch.Generator().manual_seed(0)
     items = torch.randint(1, num_items + 1, (rows, length + 1), generator=generator)
@@ -111,7 +130,7 @@ def _batch(num_items: int, rows: int = 16, length: int = 8) -> SequenceBatch:
 @pytest.mark.parametrize("name,loss", [(n, "full_softmax") for n in TASKS] + [("sasrec", "sampled_softmax")])
 def test_every_model_learns_a_fixed_batch_and_scores_the_catalogue(name: str, loss: str) -> None:
     torch.manual_seed(0)
-    hyper = {"sasrec": {"dim": 16, "heads": 2, "ffn_dim": 32, "dropout": 0.0},
+    hyper = {"sasrec": {"dim": 16, "heads": 2, "ffn_dim": 32, "dropout": 0.0, "lowpass_mix": 0.5},
              "two_tower": {"dim": 16, "hidden": 32, "dropout": 0.0}, "mf": {"dim": 16}}[name]
     spec = ModelSpec(name=name, num_items=50, num_users=16, max_length=8, hyperparameters=hyper,
                      num_categories=5, item_categories=np.arange(51) % 6)
