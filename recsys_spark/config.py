@@ -40,7 +40,9 @@ class SparkSettings(_Section):
     )
     app_name: str = Field("recsys-spark", description="Spark application name.")
     driver_memory: str | None = Field(
-        "4g", description="JVM heap of the local driver (ignored when spark-submit sets it)."
+        "3g", description=(
+            "JVM heap of the local driver (ignored when spark-submit sets it). The process's "
+            "resident memory is this plus ~0.5 GB of metaspace, code and GC structures.")
     )
     shuffle_partitions: int = Field(8, gt=0, description="spark.sql.shuffle.partitions.")
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(

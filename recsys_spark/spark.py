@@ -69,6 +69,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
                 "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
                 "spark.driver.host": "127.0.0.1",
                 "spark.driver.bindAddress": "127.0.0.1",
+                # Parquet's vectored reads buffer whole column-chunk ranges in direct memory,
+                # outside the heap and its limit: ~400 MB more resident memory at 10M events,
+                # and no faster on local disks. Plain reads use the heap.
+                "spark.hadoop.parquet.hadoop.vectored.io.enabled": "false",
             }
         )
         if settings.spark.driver_memory:

@@ -121,3 +121,9 @@ def test_remote_root_is_kept_verbatim() -> None:
 def test_explain_lists_every_leaf_key() -> None:
     keys = {key for key, _, _ in describe_settings()}
     assert {"root", "storage.engine", "features.split.protocol", "spark.conf"} <= keys
+
+
+def test_local_session_reads_parquet_through_the_heap(spark) -> None:
+    # Vectored reads would buffer column chunks off-heap, beyond driver_memory (docs/benchmarks.md).
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+    assert hadoop.get("parquet.hadoop.vectored.io.enabled") == "false"
