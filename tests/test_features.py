@@ -18,11 +18,14 @@ from recsys_spark.constants import (
 )
 from recsys_spark.features.aggregates import build_item_features
 from recsys_spark.features.sequences import (
-    build_user_features,
-    build_user_sequences,
+    UserTable,
     collect_user_events,
-    leave_one_out_examples,
-    temporal_examples,
+    derive_user_tables,
+    leave_one_out_table,
+    temporal_table,
+    user_features_table,
+    user_sequences_table,
+    user_table,
 )
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.storage import Lakehouse
@@ -40,6 +43,10 @@ def frame(spark, rows: list[tuple]) -> object:
     return spark.createDataFrame(
         [(u, u, i, i, c, b, t) for u, i, c, b, t in rows], SCHEMA
     )
+
+
+def derive(events, table: UserTable):
+    return user_table(derive_user_tables(collect_user_events(events), [table]), table)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +67,7 @@ def toy(spark):
 
 
 def test_user_features_by_hand(toy) -> None:
-    features = build_user_features(
-        collect_user_events(toy), as_of=T, windows_days=[1, 7, 30], top_categories=2
-    )
+    features = derive(toy, user_features_table(as_of=T, windows_days=[1, 7, 30], top_categories=2))
     rows = {r.user_id: r for r in features.collect()}
     u1 = rows[1]
     assert (u1.pv_1d, u1.pv_7d, u1.pv_30d, u1.pv_total) == (1, 3, 3, 4)
@@ -86,7 +91,7 @@ def test_item_features_by_hand(toy) -> None:
 
 def test_sequences_sorted_with_repeats_collapsed_or_kept(toy) -> None:
     def items(collapse: bool) -> dict[int, list[int]]:
-        seqs = build_user_sequences(collect_user_events(toy), max_length=10, collapse_repeats=collapse)
+        seqs = derive(toy, user_sequences_table(max_length=10, collapse_repeats=collapse))
         return {r.user_id: r.items for r in seqs.collect()}
 
     assert items(False)[1] == [10, 10, 11, 12, 12, 13]
@@ -94,18 +99,31 @@ def test_sequences_sorted_with_repeats_collapsed_or_kept(toy) -> None:
 
 
 def test_user_sequences_keep_most_recent_with_gaps(toy) -> None:
-    seqs = build_user_sequences(collect_user_events(toy), max_length=3, collapse_repeats=False)
+    seqs = derive(toy, user_sequences_table(max_length=3, collapse_repeats=False))
     u1 = {r.user_id: r for r in seqs.collect()}[1]
     assert u1.items == [12, 12, 13] and u1.length == 3
     assert u1.behaviors == [1, 2, 1]  # pv, cart, pv
     assert u1.gaps == [0, 2 * 86_400 - 7_200, 7_200]
 
 
+def test_one_pass_derives_each_table_as_it_would_alone(toy) -> None:
+    tables = [
+        user_features_table(as_of=T, windows_days=[1, 7], top_categories=2),
+        user_sequences_table(max_length=10, collapse_repeats=True),  # collapsed beside uncollapsed
+        leave_one_out_table(max_length=2, collapse_repeats=False),
+    ]
+    derived = derive_user_tables(collect_user_events(toy), tables)
+    for table in tables:
+        together = sorted(map(str, user_table(derived, table).collect()))
+        alone = sorted(map(str, derive(toy, table).collect()))
+        assert together and together == alone, table.name
+
+
 def test_leave_one_out_by_hand(spark) -> None:
     t0 = datetime(2020, 1, 1, tzinfo=UTC)
     events = frame(spark, [(1, i, None, "buy", t0 + i * timedelta(hours=1)) for i in (5, 6, 7, 8, 9)]
                    + [(2, 5, None, "buy", t0), (2, 6, None, "buy", t0 + DAY)])
-    examples = leave_one_out_examples(collect_user_events(events), max_length=2, collapse_repeats=True)
+    examples = derive(events, leave_one_out_table(max_length=2, collapse_repeats=True))
     got = {(r.user_id, r.split): (r.history_items, r.targets) for r in examples.collect()}
     assert got == {
         (1, "train"): ([5, 6, 7], []),  # max_length + 1 positions for next-item training
@@ -120,11 +138,9 @@ def test_temporal_split_by_hand(spark) -> None:
     rows = [(1, 1, None, "pv", t0), (1, 2, None, "pv", t0 + DAY), (1, 3, None, "pv", t0 + 5 * DAY),
             (1, 3, None, "buy", t0 + 5 * DAY + timedelta(minutes=1)), (1, 4, None, "pv", t0 + 8 * DAY),
             (2, 9, None, "pv", t0 + 6 * DAY)]
-    examples = temporal_examples(
-        collect_user_events(frame(spark, rows)),
-        validation_start=t0 + 4 * DAY, test_start=t0 + 7 * DAY, max_length=10,
-        collapse_repeats=False,
-    )
+    examples = derive(frame(spark, rows), temporal_table(
+        validation_start=t0 + 4 * DAY, test_start=t0 + 7 * DAY, max_length=10, collapse_repeats=False,
+    ))
     got = {(r.user_id, r.split): (r.history_items, r.targets) for r in examples.collect()}
     assert got == {
         (1, "train"): ([1, 2], []),

@@ -23,8 +23,6 @@ from recsys_spark.constants import (
     CATEGORY_ID,
     EVENT_TS,
     GOLD_ITEM_FEATURES,
-    GOLD_TRAINING_EXAMPLES,
-    GOLD_USER_FEATURES,
     GOLD_USER_SEQUENCES,
     ITEM_ID,
     ITEM_IDX,
@@ -39,11 +37,13 @@ from recsys_spark.constants import (
 from recsys_spark.errors import ConfigError, InputDataError
 from recsys_spark.features.aggregates import build_item_features
 from recsys_spark.features.sequences import (
-    build_user_features,
-    build_user_sequences,
     collect_user_events,
-    leave_one_out_examples,
-    temporal_examples,
+    derive_user_tables,
+    leave_one_out_table,
+    temporal_table,
+    user_features_table,
+    user_sequences_table,
+    user_table,
 )
 from recsys_spark.logs import get_logger, log_event, timed
 from recsys_spark.storage import Lakehouse
@@ -210,33 +210,24 @@ def build_features(
         report.rows[table] = result.rows_written or 0
 
     write(build_item_features(events, as_of=as_of, windows_days=cfg.windows_days), GOLD_ITEM_FEATURES)
+    if validation_start is not None and test_start is not None:
+        examples = temporal_table(validation_start=validation_start, test_start=test_start,
+                                  max_length=cfg.max_sequence_length, collapse_repeats=collapse)
+    else:
+        examples = leave_one_out_table(max_length=cfg.max_sequence_length, collapse_repeats=collapse)
+    user_tables = [
+        user_features_table(as_of=as_of, windows_days=cfg.windows_days, top_categories=cfg.top_categories),
+        user_sequences_table(max_length=cfg.max_sequence_length, collapse_repeats=collapse),
+        examples,
+    ]
     with lake.scratch(f"features/{report.run_id}") as scratch:
-        # The one user-side shuffle, staged once; three vectorised passes read it.
-        with timed(log, "features.collect", run_id=report.run_id):
-            collected = scratch.put(collect_user_events(events), "user_events")
-        write(
-            build_user_features(collected, as_of=as_of, windows_days=cfg.windows_days,
-                                top_categories=cfg.top_categories),
-            GOLD_USER_FEATURES,
-        )
-        write(
-            build_user_sequences(collected, max_length=cfg.max_sequence_length,
-                                 collapse_repeats=collapse),
-            GOLD_USER_SEQUENCES,
-        )
-        if validation_start is not None and test_start is not None:
-            examples = temporal_examples(
-                collected,
-                validation_start=validation_start,
-                test_start=test_start,
-                max_length=cfg.max_sequence_length,
-                collapse_repeats=collapse,
-            )
-        else:
-            examples = leave_one_out_examples(
-                collected, max_length=cfg.max_sequence_length, collapse_repeats=collapse
-            )
-        write(examples, GOLD_TRAINING_EXAMPLES, partition_by=(SPLIT,))
+        # The one user-side shuffle and one Python pass derive all three tables; their rows
+        # (one per user or example, far fewer than events) are staged once and split.
+        with timed(log, "features.user_tables", run_id=report.run_id):
+            derived = scratch.put(derive_user_tables(collect_user_events(events), user_tables), "user_tables")
+        for table in user_tables:
+            write(user_table(derived, table), table.name,
+                  partition_by=(SPLIT,) if table is examples else ())
     report.num_users = report.rows[GOLD_USER_SEQUENCES]
     _record_run(spark, lake, report, cfg)
     log_event(log, "features.done", run_id=report.run_id, rows=report.rows,

@@ -1,8 +1,9 @@
 """Per-user tables — user features, sequences, training examples — from one shuffle.
 
-``collect_user_events`` groups each user's events into one row (the only shuffle); the builders
-below run the vectorised kernels of ``features.kernels`` over those rows with ``mapInArrow``,
-so the per-user work is array arithmetic in the Python workers, batched over many users.
+``collect_user_events`` groups each user's events into one row (the only shuffle);
+``derive_user_tables`` runs the vectorised kernels of ``features.kernels`` over those rows with
+one ``mapInArrow`` for all three tables, so the per-user work is array arithmetic in the Python
+workers, batched over many users, and every event crosses into Python once.
 
 Split protocols (``gold/training_examples``, partitioned by ``split``):
 
@@ -22,6 +23,7 @@ Every example has ``history_end_ts <= target_start_ts``, which the leakage test 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
@@ -35,6 +37,9 @@ from recsys_spark.constants import (
     BEHAVIOR_CODES,
     CATEGORY_ID,
     EVENT_TS,
+    GOLD_TRAINING_EXAMPLES,
+    GOLD_USER_FEATURES,
+    GOLD_USER_SEQUENCES,
     ITEM_IDX,
     USER_ID,
     USER_IDX,
@@ -64,22 +69,23 @@ def collect_user_events(events: DataFrame) -> DataFrame:
     return events.groupBy(USER_IDX, USER_ID).agg(F.collect_list(entry).alias(EVENTS))
 
 
-def _run(kernel: Kernel, collapse: bool, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    for batch in batches:
-        events = kernels.from_arrow(batch)
-        if collapse:
-            events = kernels.collapse_repeats(events)
-        result = kernel(events)
-        yield from result.to_batches() if isinstance(result, pa.Table) else [result]
+@dataclass(frozen=True)
+class UserTable:
+    """A per-user table: its name, Arrow schema, the kernel that derives its rows from a batch
+    of users, and whether consecutive repeats are collapsed before the kernel sees them."""
+
+    name: str
+    schema: pa.Schema
+    kernel: Kernel
+    collapse: bool
+
+    @property
+    def column(self) -> str:
+        """The struct column that carries this table's rows in ``derive_user_tables``."""
+        return self.name.rsplit("/", 1)[-1]
 
 
-def _map_users(collected: DataFrame, kernel: Kernel, schema: pa.Schema, *, collapse: bool) -> DataFrame:
-    return collected.mapInArrow(partial(_run, kernel, collapse), from_arrow_schema(schema))
-
-
-def build_user_features(
-    collected: DataFrame, *, as_of: datetime, windows_days: Sequence[int], top_categories: int
-) -> DataFrame:
+def user_features_table(*, as_of: datetime, windows_days: Sequence[int], top_categories: int) -> UserTable:
     """``gold/user_features``: one row per user.
 
     Columns: user_idx, user_id, ``<behavior>_<w>d`` (events in the ``w`` days up to as_of) and
@@ -93,10 +99,10 @@ def build_user_features(
         windows_days=list(windows_days),
         top_categories=top_categories,
     )
-    return _map_users(collected, kernel, kernels.user_features_schema(windows_days), collapse=False)
+    return UserTable(GOLD_USER_FEATURES, kernels.user_features_schema(windows_days), kernel, collapse=False)
 
 
-def build_user_sequences(collected: DataFrame, *, max_length: int, collapse_repeats: bool) -> DataFrame:
+def user_sequences_table(*, max_length: int, collapse_repeats: bool) -> UserTable:
     """``gold/user_sequences``: each user's most recent ``max_length`` events (model input).
 
     Columns: user_idx, user_id, items, behaviors (codes), gaps (seconds since the previous
@@ -104,28 +110,64 @@ def build_user_sequences(collected: DataFrame, *, max_length: int, collapse_repe
     item count once.
     """
     kernel = partial(kernels.user_sequences, max_length=max_length)
-    return _map_users(collected, kernel, kernels.USER_SEQUENCES_SCHEMA, collapse=collapse_repeats)
+    return UserTable(GOLD_USER_SEQUENCES, kernels.USER_SEQUENCES_SCHEMA, kernel, collapse=collapse_repeats)
 
 
-def leave_one_out_examples(collected: DataFrame, *, max_length: int, collapse_repeats: bool) -> DataFrame:
-    """Training/validation/test rows by the leave-one-out protocol (module docstring)."""
+def leave_one_out_table(*, max_length: int, collapse_repeats: bool) -> UserTable:
+    """``gold/training_examples`` by the leave-one-out protocol (module docstring)."""
     kernel = partial(kernels.leave_one_out, max_length=max_length)
-    return _map_users(collected, kernel, kernels.EXAMPLES_SCHEMA, collapse=collapse_repeats)
+    return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=collapse_repeats)
 
 
-def temporal_examples(
-    collected: DataFrame,
-    *,
-    validation_start: datetime,
-    test_start: datetime,
-    max_length: int,
-    collapse_repeats: bool,
-) -> DataFrame:
-    """Training/validation/test rows by the temporal protocol (module docstring)."""
+def temporal_table(
+    *, validation_start: datetime, test_start: datetime, max_length: int, collapse_repeats: bool
+) -> UserTable:
+    """``gold/training_examples`` by the temporal protocol (module docstring)."""
     kernel = partial(
         kernels.temporal,
         validation_start=int(validation_start.timestamp()),
         test_start=int(test_start.timestamp()),
         max_length=max_length,
     )
-    return _map_users(collected, kernel, kernels.EXAMPLES_SCHEMA, collapse=collapse_repeats)
+    return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=collapse_repeats)
+
+
+def derive_user_tables(collected: DataFrame, tables: Sequence[UserTable]) -> DataFrame:
+    """The rows of every table in ``tables`` from one pass over ``collect_user_events`` rows.
+
+    Each output row belongs to one table and carries it in that table's struct column
+    (``UserTable.column``; the others are null): one Python pass sorts each batch of users
+    once for all tables, where a pass per table would re-read every event. ``user_table``
+    takes one table back out.
+    """
+    schema = _derived_schema(tables)
+    return collected.mapInArrow(partial(_derive, tuple(tables), schema), from_arrow_schema(schema))
+
+
+def user_table(derived: DataFrame, table: UserTable) -> DataFrame:
+    """The rows of ``table`` in the output of ``derive_user_tables``."""
+    return derived.filter(F.col(table.column).isNotNull()).select(f"{table.column}.*")
+
+
+def _derived_schema(tables: Sequence[UserTable]) -> pa.Schema:
+    return pa.schema([pa.field(t.column, pa.struct(list(t.schema))) for t in tables])
+
+
+def _derive(
+    tables: tuple[UserTable, ...], schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        events = kernels.from_arrow(batch)
+        collapsed = None
+        for position, table in enumerate(tables):
+            if table.collapse and collapsed is None:
+                collapsed = kernels.collapse_repeats(events)
+            result = table.kernel(collapsed if table.collapse else events)
+            for rows in result.to_batches() if isinstance(result, pa.Table) else [result]:
+                columns = [
+                    pa.StructArray.from_arrays(rows.columns, fields=list(rows.schema))
+                    if i == position
+                    else pa.nulls(rows.num_rows, field.type)
+                    for i, field in enumerate(schema)
+                ]
+                yield pa.RecordBatch.from_arrays(columns, schema=schema)
