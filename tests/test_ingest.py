@@ -12,6 +12,8 @@ from pyspark.sql import functions as F
 
 from recsys_spark.constants import (
     BRONZE_EVENTS_RAW,
+    EVENT_DATE,
+    EVENT_KEY,
     OPS_INGEST_RUNS,
     QUARANTINE_EVENTS,
     SILVER_EVENTS,
@@ -22,6 +24,7 @@ from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.ingest.transforms import (
     TIEBREAK,
     event_key,
+    drop_known,
     event_key_hash,
     first_occurrences,
     repeated_key_hashes,
@@ -71,7 +74,7 @@ def test_taobao_every_row_lands_in_exactly_one_place(spark, lake: Lakehouse, set
 
     silver = lake.read(SILVER_EVENTS)
     assert silver.count() == report["rows_clean"]
-    assert silver.select("event_key").distinct().count() == report["rows_clean"]
+    assert silver.select(event_key()).distinct().count() == report["rows_clean"]
     quarantine = lake.read(QUARANTINE_EVENTS)
     assert quarantine.count() == report["rows_quarantined"]
     by_reason = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
@@ -133,6 +136,21 @@ def test_overlap_counts_duplicates_and_dictionaries_only_grow(spark, lake: Lakeh
     assert {after[9], after[13]} == {3, 4}
 
 
+def test_silver_created_with_the_key_column_keeps_getting_it(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    root = Path(settings.root)
+    day1, day2 = tmp_path / "day1.csv", tmp_path / "day2.csv"
+    day1.write_text("10,100,1,pv,1511539200\n11,101,1,pv,1511539300\n")
+    day2.write_text("11,101,1,pv,1511539300\n12,102,2,buy,1511539400\n")
+    ingest(capsys, root, "taobao", day1)
+    # the layout of silver tables written before the key string was dropped
+    lake.write(lake.read(SILVER_EVENTS).withColumn(EVENT_KEY, event_key()), SILVER_EVENTS,
+               mode="overwrite", partition_by=[EVENT_DATE])
+    report = ingest(capsys, root, "taobao", day2)
+    assert (report["rows_clean"], report["rows_duplicate"]) == (1, 1)
+    rows = lake.read(SILVER_EVENTS).select(EVENT_KEY, event_key().alias("expected")).collect()
+    assert len(rows) == 3 and all(r[EVENT_KEY] == r.expected for r in rows)
+
+
 def test_jsonl_ingest(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
     path = tmp_path / "events.jsonl"
     write_log(SMALL, path, fmt="jsonl", malformed_rate=0.05)
@@ -142,8 +160,8 @@ def test_jsonl_ingest(spark, lake: Lakehouse, settings, capsys, tmp_path) -> Non
         report["quarantine_reasons"]
     )
     silver = lake.read(SILVER_EVENTS)
-    row = silver.filter(F.col("event_id").isNotNull()).first()
-    assert row.event_key == f"e:{row.event_id}"
+    row = silver.filter(F.col("event_id").isNotNull()).select("*", event_key().alias("key")).first()
+    assert row.key == f"e:{row.event_id}"
     assert row.extras["device"] in {"ios", "android", "web"}
     assert silver.count() == report["rows_clean"]
 
@@ -267,3 +285,25 @@ def test_duplicate_detection_uses_the_key_not_only_its_hash(spark) -> None:
     # must not merge them: ranking is by the key itself.
     everything = events.select(event_key_hash().alias("_key_hash")).distinct()
     assert first_occurrences(events, everything).count() == 4
+
+
+def test_known_events_are_recognised_by_their_key(spark) -> None:
+    at, later = datetime(2024, 5, 1, 12, tzinfo=UTC), datetime(2024, 5, 2, tzinfo=UTC)
+    schema = "event_id string, user_id long, item_id long, behavior_type string, event_ts timestamp"
+    known = spark.createDataFrame(
+        [(None, 1, 10, "pv", at), ("x7", 5, 5, "pv", later), ("x9", 2, 11, "cart", at)], schema)
+    events = spark.createDataFrame(
+        [
+            (None, 1, 10, "pv", at),  # known: same natural key
+            (None, 1, 10, "buy", at),  # differs in behaviour only
+            (None, 1, 10, "pv", later),  # differs in time only
+            ("x7", 2, 11, "cart", at),  # known: an event id is the key, whatever the fields say
+            (None, 2, 11, "cart", at),  # the known event with these fields has an id, this one not
+            ("x8", 1, 10, "pv", at),  # an id never equals a natural key
+        ],
+        schema,
+    )
+    kept = drop_known(events, known).select(event_key().alias("key")).collect()
+    assert sorted(r.key for r in kept) == sorted(
+        ["1:10:buy:1714564800000000", "1:10:pv:1714608000000000", "2:11:cart:1714564800000000", "e:x8"])
+    assert drop_known(events, None).count() == 6

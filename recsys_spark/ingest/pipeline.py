@@ -27,7 +27,6 @@ from recsys_spark.config import Settings
 from recsys_spark.constants import (
     BRONZE_EVENTS_RAW,
     DETAIL,
-    EVENT_KEY,
     EVENT_TS,
     INGEST_DATE,
     ITEM_ID,
@@ -44,6 +43,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
     EVENT_DATE,
+    EVENT_KEY,
     InputFormat,
 )
 from recsys_spark.errors import InputDataError
@@ -53,6 +53,7 @@ from recsys_spark.ingest.transforms import (
     TIEBREAK,
     bronze_rows,
     drop_known,
+    event_key,
     first_occurrences,
     repeated_key_hashes,
     new_index_entries,
@@ -254,9 +255,13 @@ def _ingest_files(
         with timed(log, "ingest.deduplicate", run_id=run_id):
             repeated = scratch.put(repeated_key_hashes(valid), "repeated")  # small: duplicates are rare
         with timed(log, "ingest.silver", run_id=run_id):
-            clean = drop_known(first_occurrences(valid, repeated), _known_keys(lake, summary, run_id))
+            clean = drop_known(first_occurrences(valid, repeated), _known_events(lake, summary, run_id))
+            silver = silver_rows(with_indices(clean, user_index, item_index), run_id)
+            if lake.exists(SILVER_EVENTS) and EVENT_KEY in lake.read(SILVER_EVENTS).columns:
+                # silver tables created before the key string was dropped keep getting it
+                silver = silver.withColumn(EVENT_KEY, event_key())
             result = lake.write(
-                silver_rows(with_indices(clean, user_index, item_index), run_id),
+                silver,
                 SILVER_EVENTS,
                 partition_by=[EVENT_DATE],
                 idempotency=once,
@@ -299,8 +304,8 @@ def staged_parse(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> Da
     )
 
 
-def _known_keys(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataFrame | None:
-    """Keys of silver events that may repeat this input's events."""
+def _known_events(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataFrame | None:
+    """Silver events that may repeat this input's events."""
     if not lake.exists(SILVER_EVENTS):
         return None
     # Only the dates this input covers can hold its duplicates (partition pruning). Rows this
@@ -309,7 +314,6 @@ def _known_keys(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataFra
         lake.read(SILVER_EVENTS)
         .filter(F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date))
         .filter(F.col(RUN_ID) != run_id)
-        .select(EVENT_KEY)
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import reduce
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -13,7 +14,6 @@ from recsys_spark.constants import (
     DETAIL,
     EVENT_DATE,
     EVENT_ID,
-    EVENT_KEY,
     EVENT_TS,
     EXTRAS,
     INGEST_DATE,
@@ -32,8 +32,9 @@ from recsys_spark.constants import (
 # before the shuffle.
 TIEBREAK = "_tiebreak"
 
+# No event_key column: the key is a function of these columns (``event_key()``), and
+# building its string for every event was a third of the silver write.
 SILVER_EVENT_COLUMNS: tuple[str, ...] = (
-    EVENT_KEY,
     EVENT_ID,
     USER_ID,
     ITEM_ID,
@@ -106,13 +107,31 @@ def first_occurrences(events: DataFrame, repeated: DataFrame, *, col_tiebreak: s
     return unique.unionByName(winners).drop("_key_hash")
 
 
-def drop_known(events: DataFrame, known_keys: DataFrame | None, *, col_key: str = EVENT_KEY) -> DataFrame:
-    """Events whose ``event_key()`` is not among ``known_keys`` (already-ingested events)."""
-    if known_keys is None:
+def drop_known(events: DataFrame, known: DataFrame | None) -> DataFrame:
+    """Events whose ``event_key()`` no event of ``known`` (already-ingested events) has.
+
+    Joined on the 64-bit key hash, and then on the key's own columns, so a hash collision
+    never drops an event: the same key as ``event_key()`` without building its string.
+    """
+    if known is None:
         return events
-    keyed = events.withColumn("_key", event_key())
-    known = known_keys.select(F.col(col_key).alias("_key")).distinct()
-    return keyed.join(known, on="_key", how="left_anti").drop("_key")
+    key_columns = (EVENT_ID, USER_ID, ITEM_ID, BEHAVIOR, EVENT_TS)
+    known = known.select(
+        event_key_hash().alias("_known_hash"), *[F.col(c).alias(f"_known_{c}") for c in key_columns]
+    )
+
+    def known_col(name: str) -> Column:
+        return F.col(f"_known_{name}")
+
+    same_natural_key = reduce(
+        Column.__and__, [F.col(c) == known_col(c) for c in key_columns if c != EVENT_ID]
+    )
+    same_key = F.col(EVENT_ID).eqNullSafe(known_col(EVENT_ID)) & (
+        F.col(EVENT_ID).isNotNull() | same_natural_key
+    )
+    hashed = events.withColumn("_key_hash", event_key_hash())
+    condition = (F.col("_key_hash") == F.col("_known_hash")) & same_key
+    return hashed.join(known, on=condition, how="left_anti").drop("_key_hash")
 
 
 def new_index_entries(
@@ -146,7 +165,7 @@ def with_indices(events: DataFrame, user_index: DataFrame, item_index: DataFrame
 
 
 def silver_rows(events: DataFrame, run_id: str) -> DataFrame:
-    return events.withColumn(EVENT_KEY, event_key()).select(
+    return events.select(
         *[c for c in SILVER_EVENT_COLUMNS if c not in (RUN_ID, EVENT_DATE)],
         F.lit(run_id).alias(RUN_ID),
         F.to_date(EVENT_TS).alias(EVENT_DATE),
