@@ -40,7 +40,7 @@ class SparkSettings(_Section):
     )
     app_name: str = Field("recsys-spark", description="Spark application name.")
     driver_memory: str | None = Field(
-        "3g", description=(
+        "2560m", description=(
             "JVM heap of the local driver (ignored when spark-submit sets it). The process's "
             "resident memory is this plus ~0.5 GB of metaspace, code and GC structures.")
     )
