@@ -19,7 +19,7 @@ from recsys_spark.constants import (
 from recsys_spark.features.aggregates import build_item_features
 from recsys_spark.features.sequences import (
     UserTable,
-    collect_user_events,
+    cluster_user_events,
     derive_user_tables,
     leave_one_out_table,
     temporal_table,
@@ -46,7 +46,7 @@ def frame(spark, rows: list[tuple]) -> object:
 
 
 def derive(events, table: UserTable):
-    return user_table(derive_user_tables(collect_user_events(events), [table]), table)
+    return user_table(derive_user_tables(cluster_user_events(events), [table]), table)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_one_pass_derives_each_table_as_it_would_alone(toy) -> None:
         user_sequences_table(max_length=10, collapse_repeats=True),  # collapsed beside uncollapsed
         leave_one_out_table(max_length=2, collapse_repeats=False),
     ]
-    derived = derive_user_tables(collect_user_events(toy), tables)
+    derived = derive_user_tables(cluster_user_events(toy), tables)
     for table in tables:
         together = sorted(map(str, user_table(derived, table).collect()))
         alone = sorted(map(str, derive(toy, table).collect()))

@@ -15,43 +15,33 @@ DAY = 86_400
 
 
 def random_batch(seed: int, users: int = 40) -> pa.RecordBatch:
+    """Event rows as Spark hands them over: each user's rows together, in random time order."""
     rng = np.random.default_rng(seed)
     rows = []
-    for u in range(users):
-        n = int(rng.integers(1, 12))
-        rows.append(
-            {
-                "user_idx": u,
-                "user_id": 1000 + u,
-                "events": [
-                    {
-                        "ts": int(AS_OF - rng.integers(0, 40 * DAY)) // 3600 * 3600,  # ties happen
-                        "item": int(rng.integers(0, 6)),
-                        "behavior": int(rng.integers(1, 5)),
-                        "category": int(rng.choice([-1, 7, 8, 9])),
-                    }
-                    for _ in range(n)
-                ],
-            }
-        )
-    schema = pa.schema(
-        [
-            ("user_idx", pa.int32()),
-            ("user_id", pa.int64()),
-            ("events", pa.list_(pa.struct([("ts", pa.int64()), ("item", pa.int32()),
-                                           ("behavior", pa.int8()), ("category", pa.int64())]))),
-        ]
-    )
-    return pa.RecordBatch.from_pylist(rows, schema=schema)
+    for u in rng.permutation(users):
+        for _ in range(int(rng.integers(1, 12))):
+            rows.append(
+                {
+                    "user_idx": int(u),
+                    "user_id": 1000 + int(u),
+                    "ts": int(AS_OF - rng.integers(0, 40 * DAY)) // 3600 * 3600,  # ties happen
+                    "item": int(rng.integers(0, 6)),
+                    "behavior": int(rng.integers(1, 5)),
+                    "category": int(rng.choice([-1, 7, 8, 9])),
+                }
+            )
+    return pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA)
 
 
 def reference_histories(batch: pa.RecordBatch, collapse: bool) -> dict[int, list[dict]]:
-    out = {}
+    """Each user's events in time order, users in the order they come."""
+    out: dict[int, list[dict]] = {}
     for row in batch.to_pylist():
-        events = sorted(row["events"], key=lambda e: (e["ts"], e["item"], e["behavior"]))
+        out.setdefault(row["user_idx"], []).append(row)
+    for u, events in out.items():
+        events.sort(key=lambda e: (e["ts"], e["item"], e["behavior"]))
         if collapse:
-            events = [e for i, e in enumerate(events) if i == 0 or e["item"] != events[i - 1]["item"]]
-        out[row["user_idx"]] = events
+            out[u] = [e for i, e in enumerate(events) if i == 0 or e["item"] != events[i - 1]["item"]]
     return out
 
 
@@ -146,3 +136,27 @@ def test_empty_batch_gives_empty_tables() -> None:
     assert kernels.user_sequences(events, max_length=5).num_rows == 0
     assert kernels.leave_one_out(events, max_length=5).num_rows == 0
     assert kernels.user_features(events, as_of=AS_OF, windows_days=[1], top_categories=1).num_rows == 0
+
+
+@pytest.mark.parametrize(("seed", "min_rows"), [(0, 1), (1, 5), (2, 17), (3, 1000)])
+def test_whole_users_regroup_batches_without_splitting_a_user(seed: int, min_rows: int) -> None:
+    rows = pa.Table.from_batches([random_batch(seed)])
+    rng = np.random.default_rng(seed)
+    cuts = np.unique(np.concatenate([[0], rng.integers(0, rows.num_rows, 30), [rows.num_rows]]))
+    batches = [rows.slice(a, b - a).combine_chunks().to_batches()[0] for a, b in zip(cuts, cuts[1:], strict=False)]
+    chunks = list(kernels.whole_users(iter(batches), min_rows=min_rows))
+    assert pa.concat_tables(chunks).equals(rows)  # nothing lost, nothing reordered
+    owners = [set(c.column("user_idx").to_pylist()) for c in chunks]
+    assert sum(map(len, owners)) == len(set().union(*owners))  # no user in two chunks
+    assert all(c.num_rows > 0 for c in chunks)
+
+
+def test_whole_users_keep_a_user_longer_than_a_chunk_together() -> None:
+    one = pa.RecordBatch.from_pylist(
+        [{"user_idx": 7, "user_id": 70, "ts": t, "item": 1, "behavior": 1, "category": -1} for t in range(10)]
+        + [{"user_idx": 8, "user_id": 80, "ts": 0, "item": 2, "behavior": 1, "category": -1}],
+        schema=kernels.EVENT_ROW_SCHEMA,
+    )
+    batches = [one.slice(i, 2) for i in range(0, 11, 2)]
+    chunks = list(kernels.whole_users(iter(batches), min_rows=3))
+    assert [c.column("user_idx").to_pylist() for c in chunks] == [[7] * 10, [8]]

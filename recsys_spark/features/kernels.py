@@ -1,16 +1,17 @@
 """Vectorised per-user derivations over Arrow batches: no Spark here, only NumPy and pyarrow.
 
-Spark groups each user's events into one row (a single shuffle); these kernels then turn a
-batch of such rows into user features, sequences and training examples with array arithmetic
-over all users of the batch at once — no per-user Python loop, no interpreted SQL lambdas.
+Spark clusters each user's events together (a single shuffle); these kernels then turn a
+batch of whole users' event rows into user features, sequences and training examples with array
+arithmetic over all users of the batch at once — no per-user Python loop, no interpreted SQL
+lambdas.
 
-A batch is flattened into ``UserEvents``: per-user ``offsets`` into flat arrays sorted by
+A batch is grouped into ``UserEvents``: per-user ``offsets`` into flat arrays sorted by
 (user, time, item, behaviour). Shapes use U for users and N for events in the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,18 @@ DAY_SECONDS = 86_400
 NO_CATEGORY = -1
 MIN_EVENTS_FOR_LOO = 3
 
-# Struct fields of one collected event (see ``sequences.collect_user_events``).
-EVENT_FIELDS = ("ts", "item", "behavior", "category")
+# Columns of the event rows the kernels read (see ``sequences.cluster_user_events``): each
+# user's rows are contiguous, in no particular order of time.
+EVENT_ROW_SCHEMA = pa.schema(
+    [
+        pa.field(USER_IDX, pa.int32()),
+        pa.field(USER_ID, pa.int64()),
+        pa.field("ts", pa.int64()),
+        pa.field("item", pa.int32()),
+        pa.field("behavior", pa.int8()),
+        pa.field("category", pa.int64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -52,18 +63,48 @@ class UserEvents:
         return np.repeat(np.arange(self.n_users), self.lengths)
 
 
-def from_arrow(batch: pa.RecordBatch) -> UserEvents:
-    """Flatten a batch of ``(user_idx, user_id, events: list<struct>)`` rows and sort it."""
-    events = batch.column("events")
-    offsets = events.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
-    flat = events.flatten()
-    columns = {name: flat.field(name).to_numpy(zero_copy_only=False) for name in EVENT_FIELDS}
-    owner = np.repeat(np.arange(len(batch)), np.diff(offsets))
+def whole_users(batches: Iterator[pa.RecordBatch], min_rows: int) -> Iterator[pa.Table]:
+    """Regroup a stream of event rows (each user's rows contiguous) into tables that never
+    split a user: once ``min_rows`` rows are read, all but the last user's go out.
+
+    Spark hands a partition over in small batches that cut through users; the rows of the last
+    user seen are carried into the next table, so memory stays at about ``min_rows`` plus the
+    largest user's events.
+    """
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        pending.append(batch)
+        size += batch.num_rows
+        if size < min_rows:
+            continue
+        rows = pa.Table.from_batches(pending).combine_chunks()
+        users = rows.column(USER_IDX).to_numpy()
+        # the last user may go on in the next batch: cut where its run starts
+        others = np.flatnonzero(users != users[-1])
+        if len(others) == 0:  # one user so far; keep reading
+            continue
+        cut = int(others[-1]) + 1
+        yield rows.slice(0, cut)
+        pending = rows.slice(cut).to_batches()
+        size = len(users) - cut
+    if size:
+        yield pa.Table.from_batches(pending)
+
+
+def from_arrow(rows: pa.Table | pa.RecordBatch) -> UserEvents:
+    """Group and sort event rows of ``EVENT_ROW_SCHEMA`` whose users are each contiguous."""
+    users = rows.column(USER_IDX).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(_changes(users))
+    offsets = np.append(starts, len(users)).astype(np.int64)
+    owner = np.repeat(np.arange(len(starts)), np.diff(offsets))
+    columns = {
+        name: rows.column(name).to_numpy(zero_copy_only=False) for name in ("ts", "item", "behavior", "category")
+    }
     order = np.lexsort((columns["behavior"], columns["item"], columns["ts"], owner))
     return UserEvents(
-        user_idx=batch.column(USER_IDX).to_numpy(zero_copy_only=False),
-        user_id=batch.column(USER_ID).to_numpy(zero_copy_only=False),
+        user_idx=users[starts].astype(np.int32),
+        user_id=rows.column(USER_ID).to_numpy(zero_copy_only=False)[starts].astype(np.int64),
         offsets=offsets,
         ts=columns["ts"][order].astype(np.int64),
         item=columns["item"][order].astype(np.int32),

@@ -37,7 +37,7 @@ from recsys_spark.constants import (
 from recsys_spark.errors import ConfigError, InputDataError
 from recsys_spark.features.aggregates import build_item_features
 from recsys_spark.features.sequences import (
-    collect_user_events,
+    cluster_user_events,
     derive_user_tables,
     leave_one_out_table,
     temporal_table,
@@ -224,7 +224,7 @@ def build_features(
         # The one user-side shuffle and one Python pass derive all three tables; their rows
         # (one per user or example, far fewer than events) are staged once and split.
         with timed(log, "features.user_tables", run_id=report.run_id):
-            derived = scratch.put(derive_user_tables(collect_user_events(events), user_tables), "user_tables")
+            derived = scratch.put(derive_user_tables(cluster_user_events(events), user_tables), "user_tables")
         for table in user_tables:
             write(user_table(derived, table), table.name,
                   partition_by=(SPLIT,) if table is examples else ())

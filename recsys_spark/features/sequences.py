@@ -1,9 +1,9 @@
 """Per-user tables — user features, sequences, training examples — from one shuffle.
 
-``collect_user_events`` groups each user's events into one row (the only shuffle);
-``derive_user_tables`` runs the vectorised kernels of ``features.kernels`` over those rows with
-one ``mapInArrow`` for all three tables, so the per-user work is array arithmetic in the Python
-workers, batched over many users, and every event crosses into Python once.
+``cluster_user_events`` brings each user's events together in one partition (the only
+shuffle); ``derive_user_tables`` runs the vectorised kernels of ``features.kernels`` over them
+with one ``mapInArrow`` for all three tables, so the per-user work is array arithmetic in the
+Python workers, batched over many users, and every event crosses into Python once.
 
 Split protocols (``gold/training_examples``, partitioned by ``split``):
 
@@ -46,7 +46,9 @@ from recsys_spark.constants import (
 )
 from recsys_spark.features import kernels
 
-EVENTS = "events"
+# Event rows per kernel call: large enough that NumPy's per-call overhead vanishes, small
+# enough to keep a Python worker's memory flat.
+_ROWS_PER_KERNEL_CALL = 1 << 18
 Kernel = Callable[[kernels.UserEvents], "pa.RecordBatch | pa.Table"]
 
 
@@ -58,15 +60,22 @@ def behavior_code(col_behavior: str = BEHAVIOR) -> Column:
     return expr
 
 
-def collect_user_events(events: DataFrame) -> DataFrame:
-    """One row per user: ``user_idx``, ``user_id``, ``events`` (unordered; kernels sort)."""
-    entry = F.struct(
+def cluster_user_events(events: DataFrame) -> DataFrame:
+    """Event rows of ``kernels.EVENT_ROW_SCHEMA``, each user's rows contiguous in one partition.
+
+    A hash shuffle plus a sort on the user index only: grouping into one list per user
+    (``collect_list``) cost twice as much, since Spark's sort-based fallback aggregation copies
+    every event again. The kernels order each user's events themselves.
+    """
+    rows = events.select(
+        F.col(USER_IDX).cast("int").alias(USER_IDX),
+        F.col(USER_ID).cast("long").alias(USER_ID),
         F.unix_seconds(EVENT_TS).alias("ts"),
-        F.col(ITEM_IDX).alias("item"),
+        F.col(ITEM_IDX).cast("int").alias("item"),
         behavior_code().alias("behavior"),
-        F.coalesce(F.col(CATEGORY_ID), F.lit(kernels.NO_CATEGORY)).alias("category"),
+        F.coalesce(F.col(CATEGORY_ID), F.lit(kernels.NO_CATEGORY)).cast("long").alias("category"),
     )
-    return events.groupBy(USER_IDX, USER_ID).agg(F.collect_list(entry).alias(EVENTS))
+    return rows.repartition(USER_IDX).sortWithinPartitions(USER_IDX)
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,8 @@ def temporal_table(
     return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=collapse_repeats)
 
 
-def derive_user_tables(collected: DataFrame, tables: Sequence[UserTable]) -> DataFrame:
-    """The rows of every table in ``tables`` from one pass over ``collect_user_events`` rows.
+def derive_user_tables(clustered: DataFrame, tables: Sequence[UserTable]) -> DataFrame:
+    """The rows of every table in ``tables`` from one pass over ``cluster_user_events`` rows.
 
     Each output row belongs to one table and carries it in that table's struct column
     (``UserTable.column``; the others are null): one Python pass sorts each batch of users
@@ -141,7 +150,7 @@ def derive_user_tables(collected: DataFrame, tables: Sequence[UserTable]) -> Dat
     takes one table back out.
     """
     schema = _derived_schema(tables)
-    return collected.mapInArrow(partial(_derive, tuple(tables), schema), from_arrow_schema(schema))
+    return clustered.mapInArrow(partial(_derive, tuple(tables), schema), from_arrow_schema(schema))
 
 
 def user_table(derived: DataFrame, table: UserTable) -> DataFrame:
@@ -156,8 +165,8 @@ def _derived_schema(tables: Sequence[UserTable]) -> pa.Schema:
 def _derive(
     tables: tuple[UserTable, ...], schema: pa.Schema, batches: Iterator[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
-    for batch in batches:
-        events = kernels.from_arrow(batch)
+    for chunk in kernels.whole_users(batches, min_rows=_ROWS_PER_KERNEL_CALL):
+        events = kernels.from_arrow(chunk)
         collapsed = None
         for position, table in enumerate(tables):
             if table.collapse and collapsed is None:
