@@ -87,6 +87,9 @@ JSONL_CASES = [
         ('{"user_id":1,"item_id":2,"behavior_type":"pv"}', "missing_field", None),
         ('{"user_id":"abc","item_id":2,"behavior_type":"pv","ts":1511539200}', "invalid_id", None),
         ('{"user_id":1,"item_id":2,"category_id":"x","behavior_type":"pv","ts":1}', "invalid_id", None),
+        # Java's "$" would also match before a trailing newline: ids and times must end there.
+        ('{"user_id":"5\\n","item_id":2,"behavior_type":"pv","ts":1511539200}', "invalid_id", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"1511539200\\n"}', "invalid_timestamp", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"like","ts":1511539200}', "unknown_behavior", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"soon"}', "invalid_timestamp", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1e30}', "invalid_timestamp", None),

@@ -266,7 +266,10 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> Non
     shutil.copytree(served["pristine"], interrupted)
 
     process = _stream_process(reference, landing)
-    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    stderr = process.communicate(timeout=300)[1].decode()
+    assert process.returncode == 0, stderr[-3000:]
+    # A clean stop of an idle query is not worth a warning (Spark 4 logs one per stop).
+    assert "Failed to cancel job group" not in stderr
 
     process = _stream_process(interrupted, landing)
     metrics = interrupted / "ops" / "stream_metrics" / "_delta_log"

@@ -52,10 +52,11 @@ from recsys_spark.constants import (
     InputFormat,
 )
 
+# Patterns end in \z, not $: Java's $ also matches before a trailing line terminator ("5\n").
 # A non-negative integer that fits in a signed 64-bit id.
-_ID_PATTERN = r"^[0-9]{1,18}$"
+_ID_PATTERN = r"^[0-9]{1,18}\z"
 # Epoch numbers as Spark's JSON reader renders them (large or fractional ones in E notation).
-_EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+_EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\z"
 _EPOCH_LIMIT = 1e15  # as milliseconds, year 33658; keeps microseconds inside 64 bits
 _MILLIS_THRESHOLD = 1e11  # 1e11 seconds is year 5138; as milliseconds it is 1973
 _TAOBAO_FIELDS = 5
@@ -151,7 +152,7 @@ def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     )
     # Unix seconds only; 12 digits reach year 33658, so milliseconds are rejected, not misread.
     ts = F.when(
-        F.col("_ts").rlike(r"^[0-9]{1,12}$"), F.timestamp_seconds(F.col("_ts").try_cast("bigint"))
+        F.col("_ts").rlike(r"^[0-9]{1,12}\z"), F.timestamp_seconds(F.col("_ts").try_cast("bigint"))
     )
     df = df.select(
         "*",
