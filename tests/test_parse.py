@@ -27,6 +27,9 @@ def parse(spark, fmt: str, lines: list[str]) -> list[dict]:
 TAOBAO_CASES = [
         (f"1,2,3,pv,{T0}", None, None),
         (f" 1 , 2 , 3 , BUY , {T0} ", None, None),
+        # Only spaces are padding: a tab is kept and makes the field invalid, with the reason shown.
+        (f"1\t,2,3,pv,{T0}", "invalid_id", "user_id=1\t"),
+        (f"1,2,3,pv\t,{T0}", "unknown_behavior", "behavior_type=pv\t"),
         ("1,2,3,pv", "wrong_field_count", "expected 5 fields, got 4"),
         (f"1,2,3,pv,{T0},x", "wrong_field_count", "expected 5 fields, got 6"),
         ("", "wrong_field_count", "expected 5 fields, got 1"),
@@ -78,6 +81,8 @@ JSONL_CASES = [
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}', None, T0),
         ('{"user_id":"1","item_id":"2","behavior_type":"PV","ts":1511539200000}', None, T0),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200.5}', None, T0),
+        ('{"user_id":" 1 ","item_id":2,"behavior_type":"pv ","ts":" 1511539200"}', None, T0),
+        ('{"user_id":"1\\t","item_id":2,"behavior_type":"pv","ts":1511539200}', "invalid_id", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"2017-11-25T00:00:00+08:00"}', None, T0),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"2017-11-24T16:00:00Z"}', None, T0),
         ('{"user_id":1,"item_id":2', "malformed_json", None),
@@ -124,9 +129,9 @@ def test_jsonl_keeps_event_id_category_and_extras(spark) -> None:
 
 
 def test_sequences_one_event_per_item_with_increasing_times(spark) -> None:
-    rows = parse(spark, "sequences", ["7 10 11 10", "8", "x 1", "9 1 y"])
+    rows = parse(spark, "sequences", ["7 10 11 10", "8", "x 1", "9 1 y", "\t6\t3 "])
     good = [r for r in rows if r["reason"] is None]
-    assert [(r["user_id"], r["item_id"]) for r in good] == [(7, 10), (7, 11), (7, 10), (9, 1)]
+    assert [(r["user_id"], r["item_id"]) for r in good] == [(7, 10), (7, 11), (7, 10), (9, 1), (6, 3)]
     user7 = [r["event_ts"] for r in good if r["user_id"] == 7]
     assert user7 == sorted(user7) and len(set(user7)) == 3
     assert user7[0] == RULES.sequence_base_time.timestamp()
