@@ -88,6 +88,8 @@ JSONL_CASES = [
         ('{"user_id":1,"item_id":2', "malformed_json", None),
         ("[1, 2]", "malformed_json", None),
         ("", "malformed_json", None),
+        # A repeated key is ambiguous (Spark's JSON map would keep both and lookups see the first).
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"user_id":3}', "malformed_json", None),
         ('{"item_id":2,"behavior_type":"pv","ts":1511539200}', "missing_field", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv"}', "missing_field", None),
         ('{"user_id":"abc","item_id":2,"behavior_type":"pv","ts":1511539200}', "invalid_id", None),
@@ -113,6 +115,11 @@ def test_jsonl_reasons_and_timestamps(jsonl_rows, line: str, reason: str | None,
     assert row["reason"] == reason, row["detail"]
     if epoch is not None:
         assert row["event_ts"] == epoch
+
+
+def test_jsonl_repeated_key_is_named(jsonl_rows) -> None:
+    row = jsonl_rows['{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"user_id":3}']
+    assert row["detail"] == "duplicate key user_id"
 
 
 def test_jsonl_keeps_event_id_category_and_extras(spark) -> None:

@@ -15,7 +15,7 @@ Formats:
   milliseconds — a number at or above 1e11 is read as milliseconds — or an ISO-8601 string with
   an optional offset). Optional: ``event_id`` (string, the deduplication key when present),
   ``category_id``. Any other keys are kept, as strings, in the ``extras`` map. Values are
-  trimmed of spaces, as taobao fields are.
+  trimmed of spaces, as taobao fields are. An object that repeats a key is malformed.
 * ``sequences`` — ``user_id item item ...`` per line in time order (the SASRec/ICLRec benchmark
   format). Each item is one ``buy`` event; times are synthesised as ``base + position * step``.
   The unit counted is an item occurrence; a line without items counts as one row.
@@ -231,8 +231,19 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         ("behavior_type", BEHAVIOR),
         ("ts", "_ts"),
     ]
+    keys = F.map_keys("_obj")
+    # Spark's JSON map keeps every occurrence of a repeated key and lookups see the first one:
+    # such an object is ambiguous, and silver maps must not hold a key twice.
+    repeated_key = F.try_element_at(
+        F.filter(keys, lambda k, i: F.array_position(keys, k) != i + 1), F.lit(1)
+    )
     checks = [
         _Check(F.col("_obj").isNull(), MALFORMED_JSON, F.lit("not a JSON object")),
+        _Check(
+            F.size(keys) != F.size(F.array_distinct(keys)),
+            MALFORMED_JSON,
+            F.concat(F.lit("duplicate key "), repeated_key),
+        ),
         _missing_check(required),
         *_id_checks(
             [("user_id", F.col("_user")), ("item_id", F.col("_item"))],
