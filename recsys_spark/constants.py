@@ -40,6 +40,7 @@ InputFormat = Literal["taobao", "jsonl", "sequences"]
 INPUT_FORMATS: Final[tuple[str, ...]] = ("taobao", "jsonl", "sequences")
 
 # --- quarantine reason codes ----------------------------------------------------------------------
+INVALID_ENCODING: Final = "invalid_encoding"
 WRONG_FIELD_COUNT: Final = "wrong_field_count"
 MALFORMED_JSON: Final = "malformed_json"
 MISSING_FIELD: Final = "missing_field"
@@ -48,6 +49,7 @@ UNKNOWN_BEHAVIOR: Final = "unknown_behavior"
 INVALID_TIMESTAMP: Final = "invalid_timestamp"
 TIMESTAMP_OUT_OF_RANGE: Final = "timestamp_out_of_range"
 REASON_CODES: Final[tuple[str, ...]] = (
+    INVALID_ENCODING,
     WRONG_FIELD_COUNT,
     MALFORMED_JSON,
     MISSING_FIELD,

@@ -204,6 +204,37 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
     assert not any((lake_root / layer).exists() for layer in ("bronze", "silver", "quarantine", "ops"))
 
 
+@pytest.mark.parametrize(
+    ("fmt", "good", "bad"),
+    [
+        ("taobao", b"1,2,3,pv,1511539200", b"4,5,6,p\xe9v,1511539201"),
+        ("jsonl",
+         '{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"city":"Z\u00fcrich"}'.encode(),
+         b'{"user_id":4,"item_id":5,"behavior_type":"pv","ts":1511539201,"city":"Z\xfcrich"}'),
+        ("sequences", b"1 2 3", b"4 5\xff 6"),
+    ],
+)
+def test_line_that_is_not_utf8_is_quarantined_with_its_bytes(
+    spark, lake: Lakehouse, settings, capsys, tmp_path, fmt: str, good: bytes, bad: bytes
+) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    report = ingest(capsys, Path(settings.root), fmt, path)
+    assert_reconciles(report)
+    assert report["quarantine_reasons"] == {"invalid_encoding": report["rows_quarantined"]}
+    assert report["rows_quarantined"] >= 1 and report["rows_clean"] >= 1
+
+    # Every table stays readable by delta-rs (Arrow insists on UTF-8); the exact bytes are kept.
+    quarantine = DeltaTable(lake.path(QUARANTINE_EVENTS)).to_pyarrow_table().to_pylist()
+    assert {row["raw"] for row in quarantine} == {bad.decode("utf-8", "replace")}
+    assert {row["detail"] for row in quarantine} == {f"not UTF-8; bytes (hex): {bad.hex().upper()}"}
+    bronze = DeltaTable(lake.path(BRONZE_EVENTS_RAW)).to_pyarrow_table().column("raw").to_pylist()
+    assert sorted(bronze) == sorted([good.decode(), bad.decode("utf-8", "replace")])
+    if fmt == "jsonl":  # non-ASCII that is valid UTF-8 is data, not an error
+        extras = lake.read(SILVER_EVENTS).first().extras
+        assert extras == {"city": "Z\u00fcrich"}
+
+
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))

@@ -147,9 +147,9 @@ def test_score_batch_writes_every_user_once_without_bought_items(served, capsys)
     assert _table(root, "serving/item_embeddings").num_rows == 150 or result["item_embeddings_version"] >= 0
 
 
-def _land(folder: Path, lines: list[str], name: str) -> None:
+def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     hidden = folder / f".{name}"
-    hidden.write_text("\n".join(lines) + "\n")
+    hidden.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
     os.replace(hidden, folder / name)
 
 
@@ -169,7 +169,9 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     now = int(time.time() * 1000)
     good = [json.dumps({"user_id": u, "item_id": i, "behavior_type": "pv", "ts": now})
             for u, i in ((u1, 5), (u2, 6), (u1, 7))]
-    _land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken"], "a.jsonl")
+    latin1 = b'{"user_id": 4, "item_id": 5, "behavior_type": "pv", "ts": 1, "city": "Z\xfcrich"}'
+    _land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken", latin1],
+          "a.jsonl")
     query = start_stream(spark, lake, settings)
     try:
         query.processAllAvailable()
@@ -180,9 +182,9 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         assert set(state) == {u1, u2} and state[u1]["item_ids"][-2:] == [5, 7]
         reasons = sorted(r["reason"] for r in _table(root, "quarantine/events").to_pylist()
                          if r["ingest_run_id"].startswith("recsys-nearline-"))
-        assert reasons == ["invalid_id", "malformed_json"]
+        assert reasons == ["invalid_encoding", "invalid_id", "malformed_json"]
         metrics = _table(root, "ops/stream_metrics").to_pylist()
-        assert metrics[-1]["rows_in"] == 5 and metrics[-1]["rows_quarantined"] == 2
+        assert metrics[-1]["rows_in"] == 6 and metrics[-1]["rows_quarantined"] == 3
         assert metrics[-1]["latency_p95_s"] is not None
 
         # a new champion is picked up by the running query

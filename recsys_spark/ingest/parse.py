@@ -5,6 +5,8 @@ the columns of ``PARSED_COLUMNS``: typed event fields, and ``reason``/``detail``
 good event. Checks run in a fixed order, so a row gets the first reason that applies. Everything
 is Spark SQL (no Python UDFs) and safe under ANSI mode (``try_*`` functions only).
 
+Every format first requires the line to be UTF-8 (``invalid_encoding`` otherwise; see ``_finish``).
+
 Formats:
 
 * ``taobao`` — ``user_id,item_id,category_id,behavior_type,timestamp``, no header, Unix seconds.
@@ -40,6 +42,7 @@ from recsys_spark.constants import (
     EVENT_ID,
     EVENT_TS,
     EXTRAS,
+    INVALID_ENCODING,
     INVALID_ID,
     INVALID_TIMESTAMP,
     ITEM_ID,
@@ -97,12 +100,22 @@ class _Check:
     detail: Column
 
 
-def _finish(df: DataFrame, checks: Sequence[_Check]) -> DataFrame:
+def _finish(df: DataFrame, format_checks: Sequence[_Check]) -> DataFrame:
     """Add ``reason`` and ``detail`` of the first failing check (null for a good row).
 
     The checks are evaluated once, into the index of the first failure; the reason is looked up
     by index and the detail (string building) is computed for failed rows only.
+
+    Every format first checks the encoding. Spark reads lines as bytes without decoding them,
+    and Parquet readers (Arrow, delta-rs) refuse strings that are not UTF-8, so such a line is
+    quarantined with its exact bytes in hex, and its ``raw`` is stored with U+FFFD replacements.
     """
+    encoding = _Check(
+        ~F.is_valid_utf8(F.col(RAW)),
+        INVALID_ENCODING,
+        F.concat(F.lit("not UTF-8; bytes (hex): "), F.hex(F.col(RAW).cast("binary"))),
+    )
+    checks = [encoding, *format_checks]
     first = F.when(checks[0].failed, F.lit(0))
     for i, check in enumerate(checks[1:], start=1):
         first = first.when(check.failed, F.lit(i))
@@ -114,8 +127,14 @@ def _finish(df: DataFrame, checks: Sequence[_Check]) -> DataFrame:
         df.withColumn("_failed", first)
         .withColumn(REASON, F.try_element_at(reasons, F.col("_failed") + 1))
         .withColumn(DETAIL, detail)
+        .withColumn(RAW, F.when(F.col("_failed") == 0, storable_text(F.col(RAW))).otherwise(F.col(RAW)))
         .select(*PARSED_COLUMNS)
     )
+
+
+def storable_text(raw: Column) -> Column:
+    """``raw`` as valid UTF-8 (invalid bytes become U+FFFD), which every table reader accepts."""
+    return F.make_valid_utf8(raw)
 
 
 def _is_id(value: Column) -> Column:

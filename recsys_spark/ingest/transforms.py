@@ -27,6 +27,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
+from recsys_spark.ingest.parse import storable_text
 
 # Ranks rows that share an event key; a hash of the raw line, so the raw text can be dropped
 # before the shuffle.
@@ -188,8 +189,11 @@ def _with_lineage(columns: tuple[str, ...], run_id: str, at: datetime) -> list[C
 
 
 def bronze_rows(raw: DataFrame, run_id: str, ingested_at: datetime) -> DataFrame:
-    """Raw lines exactly as read, with where they came from and which run read them."""
-    return raw.select(*_with_lineage(BRONZE_COLUMNS, run_id, ingested_at))
+    """Raw lines as read, with where they came from and which run read them. A line that is not
+    UTF-8 is stored with U+FFFD replacements; its quarantine row keeps the exact bytes."""
+    return raw.withColumn(RAW, storable_text(F.col(RAW))).select(
+        *_with_lineage(BRONZE_COLUMNS, run_id, ingested_at)
+    )
 
 
 def quarantine_rows(parsed: DataFrame, run_id: str, quarantined_at: datetime) -> DataFrame:
