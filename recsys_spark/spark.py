@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -161,3 +162,9 @@ def delta_spark_loaded(spark: SparkSession) -> bool:
     except Exception:  # py4j surfaces ClassNotFoundException as a generic Py4JJavaError
         return False
     return True
+
+
+def literal_path(path: str) -> str:
+    """``path`` escaped for Spark's file readers, which take a path as a Hadoop glob pattern:
+    unescaped, ``log[2].csv`` reads ``log2.csv`` and ``x{1}.csv`` is "not found"."""
+    return re.sub(r"([\\{}\[\]*?])", r"\\\1", path)

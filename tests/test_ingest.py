@@ -235,6 +235,31 @@ def test_line_that_is_not_utf8_is_quarantined_with_its_bytes(
         assert extras == {"city": "Z\u00fcrich"}
 
 
+@pytest.mark.parametrize("name", ["log[2].csv", "x{1,2}.csv", "a*b?.csv", "back\\slash.csv"])
+def test_file_names_are_literal_not_glob_patterns(spark, lake: Lakehouse, settings, capsys, tmp_path, name) -> None:
+    # Spark expands glob characters in paths: "log[2].csv" would read log2.csv instead.
+    for decoy in ("log2.csv", "x1.csv", "x2.csv", "ab.csv", "axbc.csv", "back.csv"):
+        (tmp_path / decoy).write_text("9,9,9,pv,1511539200\n")
+    (tmp_path / name).write_text("1,2,3,pv,1511539200\n")
+    report = ingest(capsys, Path(settings.root), "taobao", tmp_path / name)
+    assert (report["rows_in"], report["lines_in"], report["rows_clean"]) == (1, 1, 1)
+    assert [(r.user_id, r.source_file) for r in lake.read(SILVER_EVENTS).collect()] == [
+        (1, str(tmp_path / name))
+    ]
+
+
+def test_file_name_with_a_colon_is_refused_with_one_line(settings, capsys, tmp_path) -> None:
+    path = tmp_path / "events-10:00.csv"
+    path.write_text("1,2,3,pv,1511539200\n")
+    for target in (path, tmp_path):
+        code, _, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(target),
+                               "--root", settings.root, *QUIET)
+        assert code != 0
+        (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+        assert "events-10:00.csv" in line and "rename" in line
+    assert not (Path(settings.root) / "bronze").exists()
+
+
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))

@@ -158,7 +158,7 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     from recsys_spark.storage import open_lakehouse
 
     root = served["root"]
-    landing = tmp_path / "landing"
+    landing = tmp_path / "landing[1]"  # glob characters in the folder are taken literally
     landing.mkdir()
     settings = make_settings(Path(root), f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5")
     lake = open_lakehouse(spark, settings)

@@ -59,6 +59,14 @@ def test_write_read_roundtrip_is_a_genuine_delta_table(spark, lake: Lakehouse) -
     assert set(arrow.column("day").to_pylist()) == spark_days
 
 
+def test_root_with_glob_characters_is_taken_literally(spark, tmp_path: Path) -> None:
+    lake = Lakehouse(str(tmp_path / "lake[1]"), resolve_engine(spark, "delta-rs"))
+    lake.write(events(spark, 10), "silver/t", partition_by=["day"])
+    assert sorted(r.k for r in lake.read("silver/t").collect()) == list(range(10))
+    with lake.scratch("x") as scratch:
+        assert scratch.put(events(spark, 5), "part").count() == 5
+
+
 def test_file_statistics_bound_every_file(spark, lake: Lakehouse) -> None:
     """Readers skip files by these min/max values: they must enclose each file's true range."""
     lake.write(events(spark, 300), "silver/t", partition_by=["day"])

@@ -62,6 +62,7 @@ from recsys_spark.ingest.transforms import (
     with_indices,
 )
 from recsys_spark.logs import get_logger, log_event, timed
+from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse
 
 if TYPE_CHECKING:
@@ -324,7 +325,7 @@ def read_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
     ``_metadata.file_path`` string.
     """
     reads = [
-        spark.read.text(path).select(F.col("value").alias(RAW), F.lit(path).alias(SOURCE_FILE))
+        spark.read.text(literal_path(path)).select(F.col("value").alias(RAW), F.lit(path).alias(SOURCE_FILE))
         for path in paths
     ]
     return reduce(DataFrame.unionByName, reads)

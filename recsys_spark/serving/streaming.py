@@ -67,6 +67,7 @@ from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
+from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse
 
 if TYPE_CHECKING:
@@ -374,7 +375,8 @@ def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
                             F.format_string("kafka:%s/%d/%d", "topic", "partition", "offset").alias("file"))
     landing = landing_dir(settings)
     Path(landing).mkdir(parents=True, exist_ok=True)
-    frame = spark.readStream.format("text").option("maxFilesPerTrigger", cfg.max_files_per_trigger).load(landing)
+    frame = (spark.readStream.format("text").option("maxFilesPerTrigger", cfg.max_files_per_trigger)
+             .load(literal_path(landing)))
     return frame.select("value", F.col("_metadata.file_path").alias("file"))
 
 

@@ -27,7 +27,7 @@ from recsys_spark.config import Settings
 from recsys_spark.constants import LAYERS
 from recsys_spark.errors import EngineUnavailableError, TableNotFoundError
 from recsys_spark.logs import get_logger, log_event
-from recsys_spark.spark import delta_spark_loaded
+from recsys_spark.spark import delta_spark_loaded, literal_path
 from recsys_spark.storage.base import (
     CommitResult,
     Idempotency,
@@ -282,7 +282,7 @@ class Scratch:
             .option("parquet.enable.dictionary", "false")
             .parquet(target)
         )
-        return self.spark.read.parquet(target)
+        return self.spark.read.parquet(literal_path(target))
 
 
 def _delete_tree(spark: SparkSession, path: str) -> None:

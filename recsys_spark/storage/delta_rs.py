@@ -47,6 +47,7 @@ from recsys_spark.errors import (
     UnsupportedTableFeatureError,
 )
 from recsys_spark.logs import get_logger, log_event
+from recsys_spark.spark import literal_path
 from recsys_spark.storage.base import (
     FILE_LEVEL_UNSAFE_FEATURES,
     CommitResult,
@@ -120,7 +121,7 @@ class DeltaRsEngine(TableEngine):
         if not files:
             return self.spark.createDataFrame([], schema)
         # basePath keeps the partition columns, which live in folder names, not in the files.
-        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        df = self.spark.read.schema(schema).option("basePath", path).parquet(*map(literal_path, files))
         return df.select(*schema.fieldNames())
 
     # --- writes -----------------------------------------------------------------------------
