@@ -248,6 +248,27 @@ def test_file_names_are_literal_not_glob_patterns(spark, lake: Lakehouse, settin
     ]
 
 
+def test_compressed_input_is_read_by_its_extension(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    content = b"1,2,3,pv,1511539200\n4,5,6,buy,1511539201\n"
+    (tmp_path / "a.csv.gz").write_bytes(gzip.compress(content))
+    (tmp_path / "b.csv.bz2").write_bytes(bz2.compress(content.replace(b"pv", b"cart").replace(b"buy", b"fav")))
+    report = ingest(capsys, Path(settings.root), "taobao", tmp_path)
+    assert (report["rows_in"], report["rows_clean"]) == (4, 4)
+
+    xz = tmp_path / "xz" / "c.csv.xz"  # a codec Hadoop does not read: bytes, not text
+    xz.parent.mkdir()
+    xz.write_bytes(lzma.compress(content))
+    code, _, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(xz),
+                           "--root", settings.root, *QUIET)
+    assert code != 0
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "invalid_encoding" in line and "is it text?" in line
+
+
 def test_file_name_with_a_colon_is_refused_with_one_line(settings, capsys, tmp_path) -> None:
     path = tmp_path / "events-10:00.csv"
     path.write_text("1,2,3,pv,1511539200\n")

@@ -29,6 +29,7 @@ from recsys_spark.constants import (
     DETAIL,
     EVENT_TS,
     INGEST_DATE,
+    INVALID_ENCODING,
     ITEM_ID,
     ITEM_IDX,
     OPS_INGEST_RUNS,
@@ -227,9 +228,13 @@ def _ingest_files(
                   quarantined=summary.reasons)
         if summary.valid == 0:
             reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
+            hint = (
+                "is it text? Compressed files are read by extension: .gz, .bz2, .zst"
+                if set(summary.reasons) == {INVALID_ENCODING}
+                else "check --format"
+            )
             raise InputDataError(
-                f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); "
-                "check --format"
+                f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); {hint}"
             )
         versions: dict[str, int] = {}
         with timed(log, "ingest.bronze", run_id=run_id):
