@@ -41,6 +41,10 @@ REQUIRED_CONF: dict[str, str] = {
     # Date-partitioned writes keep a few files open per task instead of sorting every row by
     # the partition column first (halves the silver write here).
     "spark.sql.maxConcurrentOutputFileWriters": "64",
+    # Local files without Hadoop's ".<name>.crc" side files: the checksum layer cannot open a
+    # file whose name holds ':' (the ".crc" name parses as a URI with a scheme), which failed
+    # an ingest, and stopped the stream, on such a name.
+    "spark.hadoop.fs.file.impl": "org.apache.hadoop.fs.RawLocalFileSystem",
 }
 
 

@@ -269,16 +269,12 @@ def test_compressed_input_is_read_by_its_extension(spark, lake: Lakehouse, setti
     assert "invalid_encoding" in line and "is it text?" in line
 
 
-def test_file_name_with_a_colon_is_refused_with_one_line(settings, capsys, tmp_path) -> None:
-    path = tmp_path / "events-10:00.csv"
-    path.write_text("1,2,3,pv,1511539200\n")
-    for target in (path, tmp_path):
-        code, _, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(target),
-                               "--root", settings.root, *QUIET)
-        assert code != 0
-        (line,) = [x for x in err.splitlines() if x.startswith("error:")]
-        assert "events-10:00.csv" in line and "rename" in line
-    assert not (Path(settings.root) / "bronze").exists()
+def test_file_name_with_a_colon_is_read(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # Hadoop's checksum layer cannot open "events-10:00.csv"; the session reads local files raw.
+    (tmp_path / "events-10:00.csv").write_text("1,2,3,pv,1511539200\n")
+    report = ingest(capsys, Path(settings.root), "taobao", tmp_path)
+    assert (report["rows_in"], report["rows_clean"]) == (1, 1)
+    assert lake.read(SILVER_EVENTS).first().source_file.endswith("events-10:00.csv")
 
 
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:

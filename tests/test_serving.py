@@ -171,7 +171,7 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
             for u, i in ((u1, 5), (u2, 6), (u1, 7))]
     latin1 = b'{"user_id": 4, "item_id": 5, "behavior_type": "pv", "ts": 1, "city": "Z\xfcrich"}'
     _land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken", latin1],
-          "a.jsonl")
+          "a-10:00.jsonl")  # a ':' in the name must not stop the query
     query = start_stream(spark, lake, settings)
     try:
         query.processAllAvailable()

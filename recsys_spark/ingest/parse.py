@@ -127,7 +127,8 @@ def _finish(df: DataFrame, format_checks: Sequence[_Check]) -> DataFrame:
         df.withColumn("_failed", first)
         .withColumn(REASON, F.try_element_at(reasons, F.col("_failed") + 1))
         .withColumn(DETAIL, detail)
-        .withColumn(RAW, F.when(F.col("_failed") == 0, storable_text(F.col(RAW))).otherwise(F.col(RAW)))
+        .withColumn(RAW, F.when(F.col("_failed") == 0, storable_text(F.col(RAW)))
+                    .otherwise(F.col(RAW)))
         .select(*PARSED_COLUMNS)
     )
 

@@ -330,7 +330,8 @@ def read_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
     ``_metadata.file_path`` string.
     """
     reads = [
-        spark.read.text(literal_path(path)).select(F.col("value").alias(RAW), F.lit(path).alias(SOURCE_FILE))
+        spark.read.text(literal_path(path))
+        .select(F.col("value").alias(RAW), F.lit(path).alias(SOURCE_FILE))
         for path in paths
     ]
     return reduce(DataFrame.unionByName, reads)

@@ -37,13 +37,6 @@ def discover_inputs(path: str | Path) -> list[InputFile]:
             raise InputDataError(f"input folder {target} holds no files")
     else:
         candidates = [target]
-    # Hadoop's local filesystem cannot open such a file (it looks up ".<name>.crc", which parses
-    # as a URI with a scheme), so say so up front instead of failing inside a Spark task.
-    colons = [p.name for p in candidates if ":" in p.name]
-    if colons:
-        raise InputDataError(
-            f"Hadoop cannot read file names containing ':' ({', '.join(colons)}); rename them"
-        )
     files = [InputFile(str(p.resolve()), p.stat().st_size, _sha256(p)) for p in candidates]
     if all(f.size == 0 for f in files):
         raise InputDataError(f"input is empty: {target}")
@@ -53,4 +46,3 @@ def discover_inputs(path: str | Path) -> list[InputFile]:
 def _sha256(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
