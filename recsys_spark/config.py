@@ -298,6 +298,7 @@ class Settings(_Section):
     root: str = Field(
         "lakehouse",
         description="Lakehouse root: <root>/<layer>/<table>; a local folder or a URI on clusters.",
+        validate_default=True,  # the default is relative too, and must be resolved like others
     )
     spark: SparkSettings = Field(default_factory=SparkSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)

@@ -113,6 +113,13 @@ def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.yaml", environ={})
 
 
+def test_default_root_is_absolute_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Outside the repo there is no conf/local.yaml: the built-in default root must still be
+    # resolved, or Spark (its Ivy folder) and the workers would each see a different path.
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}).root == str(tmp_path.resolve() / "lakehouse")
+
+
 def test_remote_root_is_kept_verbatim() -> None:
     settings = load_settings(root="s3a://bucket/lake/", environ={})
     assert settings.root == "s3a://bucket/lake"
