@@ -90,6 +90,13 @@ JSONL_CASES = [
         ("", "malformed_json", None),
         # A repeated key is ambiguous (Spark's JSON map would keep both and lookups see the first).
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"user_id":3}', "malformed_json", None),
+        # Spark's JSON reader stops after the first value: a second object on the line (a lost
+        # newline) or trailing text would otherwise vanish without a trace.
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}{"user_id":3,"item_id":4}', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200} x', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200},', "malformed_json", None),
+        # Braces inside strings and nested objects are not "after the object".
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"q":"}{","ctx":{"k":1}}', None, T0),
         ('{"item_id":2,"behavior_type":"pv","ts":1511539200}', "missing_field", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv"}', "missing_field", None),
         ('{"user_id":"abc","item_id":2,"behavior_type":"pv","ts":1511539200}', "invalid_id", None),
@@ -99,6 +106,10 @@ JSONL_CASES = [
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"1511539200\\n"}', "invalid_timestamp", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"like","ts":1511539200}', "unknown_behavior", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"soon"}', "invalid_timestamp", None),
+        # A time without a date would be read as today's date: a guess, so it is rejected.
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"16:00"}', "invalid_timestamp", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"T16:00:00Z"}', "invalid_timestamp", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":"-5"}', "invalid_timestamp", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1e30}', "invalid_timestamp", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":946684799}', "timestamp_out_of_range", None),
 ]
@@ -120,6 +131,11 @@ def test_jsonl_reasons_and_timestamps(jsonl_rows, line: str, reason: str | None,
 def test_jsonl_repeated_key_is_named(jsonl_rows) -> None:
     row = jsonl_rows['{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"user_id":3}']
     assert row["detail"] == "duplicate key user_id"
+
+
+def test_jsonl_text_after_the_object_is_named(jsonl_rows) -> None:
+    row = jsonl_rows['{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200} x']
+    assert row["detail"] == "text after the JSON object"
 
 
 def test_jsonl_keeps_event_id_category_and_extras(spark) -> None:

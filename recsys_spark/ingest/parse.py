@@ -14,10 +14,11 @@ Formats:
   (trimming tabs as well made the parse 12-16% slower at 10M events).
 * ``jsonl`` — one JSON object per line. Required: ``user_id``, ``item_id`` (non-negative integers,
   as numbers or strings), ``behavior_type`` (pv|cart|fav|buy, any case), ``ts`` (epoch seconds or
-  milliseconds — a number at or above 1e11 is read as milliseconds — or an ISO-8601 string with
-  an optional offset). Optional: ``event_id`` (string, the deduplication key when present),
+  milliseconds — a number at or above 1e11 is read as milliseconds — or an ISO-8601 string that
+  starts with the date, with an optional offset). Optional: ``event_id`` (string, the deduplication key when present),
   ``category_id``. Any other keys are kept, as strings, in the ``extras`` map. Values are
-  trimmed of spaces, as taobao fields are. An object that repeats a key is malformed.
+  trimmed of spaces, as taobao fields are. An object that repeats a key, or is followed by
+  anything but spaces, is malformed.
 * ``sequences`` — ``user_id item item ...`` per line in time order (the SASRec/ICLRec benchmark
   format). Each item is one ``buy`` event; times are synthesised as ``base + position * step``.
   The unit counted is an item occurrence; a line without items counts as one row.
@@ -63,6 +64,10 @@ from recsys_spark.constants import (
 _ID_PATTERN = r"^[0-9]{1,18}\z"
 # Epoch numbers as Spark's JSON reader renders them (large or fractional ones in E notation).
 _EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\z"
+# ISO-8601 strings must start with a full date: Spark reads a bare time ("16:00") as today's.
+_ISO_DATE_PATTERN = r"^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
+# A closing brace followed by more than spaces or braces: worth a strict second look (below).
+_AFTER_OBJECT_PATTERN = r"\}\s*[^\s}]"
 _EPOCH_LIMIT = 1e15  # as milliseconds, year 33658; keeps microseconds inside 64 bits
 _MILLIS_THRESHOLD = 1e11  # 1e11 seconds is year 5138; as milliseconds it is 1973
 _TAOBAO_FIELDS = 5
@@ -233,8 +238,11 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     epoch = F.col("_ts").try_cast("double")
     micros = F.when(epoch >= _MILLIS_THRESHOLD, epoch * 1_000).otherwise(epoch * 1_000_000)
     ts = (
-        F.when(~F.col("_ts").rlike(_EPOCH_PATTERN), F.try_to_timestamp(F.col("_ts")))
-        .when(epoch < _EPOCH_LIMIT, F.timestamp_micros(F.round(micros).try_cast("bigint")))
+        F.when(F.col("_ts").rlike(_ISO_DATE_PATTERN), F.try_to_timestamp(F.col("_ts")))
+        .when(
+            F.col("_ts").rlike(_EPOCH_PATTERN) & (epoch < _EPOCH_LIMIT),
+            F.timestamp_micros(F.round(micros).try_cast("bigint")),
+        )
     )
     df = df.select(
         "*",
@@ -257,8 +265,14 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     repeated_key = F.try_element_at(
         F.filter(keys, lambda k, i: F.array_position(keys, k) != i + 1), F.lit(1)
     )
+    # Spark's JSON reader stops after the first value, so "{...}{...}" (a lost newline) would
+    # drop the second event silently. As the only element of an array, the line must parse whole.
+    text_after_object = F.col(RAW).rlike(_AFTER_OBJECT_PATTERN) & F.coalesce(
+        F.json_array_length(F.concat(F.lit("["), F.col(RAW), F.lit("]"))) != 1, F.lit(True)
+    )
     checks = [
         _Check(F.col("_obj").isNull(), MALFORMED_JSON, F.lit("not a JSON object")),
+        _Check(text_after_object, MALFORMED_JSON, F.lit("text after the JSON object")),
         _Check(
             F.size(keys) != F.size(F.array_distinct(keys)),
             MALFORMED_JSON,
