@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = command("ingest", _ingest, "ingest a behaviour log into bronze/silver Delta tables")
     ing.add_argument("--format", choices=INPUT_FORMATS, required=True)
-    ing.add_argument("--input", required=True, help="a file, or a folder of files")
+    ing.add_argument("--input", required=True, help="a file, or a folder (files at any depth; names starting with . or _ skipped)")
 
     feat = command("features", _features, "build gold feature, sequence and training tables")
     feat.add_argument("--as-of", type=_timestamp, help="feature time (default: newest event)")

@@ -277,6 +277,28 @@ def test_file_name_with_a_colon_is_read(spark, lake: Lakehouse, settings, capsys
     assert lake.read(SILVER_EVENTS).first().source_file.endswith("events-10:00.csv")
 
 
+def test_folder_is_read_with_its_subfolders(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # Date-partitioned drops ("day=2017-11-25/part-0.csv") are common; hidden and "_" entries
+    # (temporary files, _SUCCESS markers, .staging folders) are not input.
+    files = {
+        "top.csv": "1,2,3,pv,1511539200\n",
+        "day=1/a.csv": "4,5,6,pv,1511539201\n",
+        "day=2/deeper/b.csv": "7,8,9,buy,1511539202\n",
+        "day=2/.b.csv.tmp": "0,0,0,pv,1511539203\n",
+        ".staging/c.csv": "0,0,0,pv,1511539204\n",
+        "_temporary/d.csv": "0,0,0,pv,1511539205\n",
+        "day=1/_SUCCESS": "",
+    }
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    report = ingest(capsys, Path(settings.root), "taobao", tmp_path)
+    assert (report["rows_in"], report["rows_clean"]) == (3, 3)
+    assert sorted(r.source_file for r in lake.read(SILVER_EVENTS).collect()) == [
+        str(tmp_path / name) for name in ("day=1/a.csv", "day=2/deeper/b.csv", "top.csv")
+    ]
+
+
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))

@@ -7,10 +7,14 @@ copied) is recognised and adds nothing, while a changed file is ingested anew.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_spark.errors import InputDataError
+
+_HIDDEN = (".", "_")
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,10 @@ class InputFile:
 
 
 def discover_inputs(path: str | Path) -> list[InputFile]:
-    """The files of ``path`` (a file, or a folder's visible files), fingerprinted.
+    """The files of ``path`` (a file, or a folder's visible files at any depth), fingerprinted.
+
+    Entries whose name starts with "." or "_" (temporary files, ``_SUCCESS`` markers, staging
+    folders) are not input, as for Spark and Hadoop.
 
     Raises:
         InputDataError: the path does not exist, holds no files, or every file is empty.
@@ -30,9 +37,7 @@ def discover_inputs(path: str | Path) -> list[InputFile]:
     if not target.exists():
         raise InputDataError(f"input not found: {target}")
     if target.is_dir():
-        candidates = sorted(
-            p for p in target.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
-        )
+        candidates = sorted({p.resolve() for p in _visible_files(target)})
         if not candidates:
             raise InputDataError(f"input folder {target} holds no files")
     else:
@@ -41,6 +46,21 @@ def discover_inputs(path: str | Path) -> list[InputFile]:
     if all(f.size == 0 for f in files):
         raise InputDataError(f"input is empty: {target}")
     return [f for f in files if f.size > 0]
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    seen = {os.path.realpath(folder)}  # linked folders are followed, each real one once
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(_HIDDEN) and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        for name in filenames:
+            if not name.startswith(_HIDDEN) and os.path.isfile(file := os.path.join(dirpath, name)):
+                yield Path(file)
 
 
 def _sha256(path: Path) -> str:
