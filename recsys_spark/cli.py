@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -43,9 +44,16 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line, like every other user error (exit code 2, as argparse)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
-    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="recsys", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -57,18 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--users", type=_positive_int, default=10_000)
     gen.add_argument("--items", type=_positive_int, default=5_000)
     gen.add_argument("--days", type=_positive_int, default=7)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=_non_negative_int, default=0)
     gen.add_argument("--out", required=True, help="output file")
     gen.add_argument("--format", choices=("taobao", "jsonl"), default="taobao")
     gen.add_argument("--malformed-rate", type=float, default=0.0, help="share of bad rows mixed in")
 
     ing = command("ingest", _ingest, "ingest a behaviour log into bronze/silver Delta tables")
     ing.add_argument("--format", choices=INPUT_FORMATS, required=True)
-    ing.add_argument("--input", required=True, help="a file, or a folder (files at any depth; names starting with . or _ skipped)")
+    ing.add_argument(
+        "--input", required=True,
+        help="a file, or a folder (files at any depth; names starting with . or _ skipped)",
+    )
 
     feat = command("features", _features, "build gold feature, sequence and training tables")
     feat.add_argument("--as-of", type=_timestamp, help="feature time (default: newest event)")
-    feat.add_argument("--silver-version", type=int, help="read silver/events as of this version")
+    feat.add_argument(
+        "--silver-version", type=_non_negative_int, help="read silver/events as of this version"
+    )
 
     command("tables", _tables, "list the lakehouse's tables and their versions")
 
@@ -106,21 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     stream = command("stream", _stream, "run the nearline streaming query until stopped")
     stream.add_argument("--landing", help="landing folder (default: serving.stream.landing)")
     stream.add_argument("--format", choices=("taobao", "jsonl"), help="default: serving.stream.format")
-    stream.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop after this long without new data")
-    stream.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
+    stream.add_argument("--until-idle", type=_positive_number, metavar="SECONDS", help="stop after this long without new data")
+    stream.add_argument("--timeout", type=_positive_number, metavar="SECONDS", help="stop after this long")
 
     rep = command("replay", _replay, "write a log into a landing folder at a steady pace")
     rep.add_argument("--input", required=True)
     rep.add_argument("--format", choices=("taobao", "jsonl"), required=True)
     rep.add_argument("--landing", required=True)
     pace = rep.add_mutually_exclusive_group(required=True)
-    pace.add_argument("--rate", type=float, metavar="EVENTS_PER_S")
-    pace.add_argument("--speedup", type=float, metavar="X", help="the log's own timing, X times faster")
+    pace.add_argument("--rate", type=_positive_number, metavar="EVENTS_PER_S")
+    pace.add_argument("--speedup", type=_positive_number, metavar="X", help="the log's own timing, X times faster")
     rep.add_argument("--keep-time", action="store_true", help="keep original event times")
     rep.add_argument("--limit", type=_positive_int, help="replay only the first N lines")
 
     rec = command("recommend", _recommend, "show a user's current recommendations")
-    rec.add_argument("--user", type=int, required=True, help="raw user id")
+    rec.add_argument("--user", type=_non_negative_int, required=True, help="raw user id")
     rec.add_argument("--k", type=_positive_int, default=10)
 
     conf = command("config", _config, "print the resolved configuration")
@@ -158,10 +171,31 @@ def run_job(command: str) -> None:
 # --- argument types ------------------------------------------------------------------------------
 
 
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return _integer(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0)
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -198,6 +232,8 @@ def _generate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate)
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
+    except OSError as exc:
+        raise RecsysError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
     _say(args, f"wrote {report.lines:,} lines ({report.events:,} events, {report.malformed:,} "
                f"malformed) to {report.path}")
     return {

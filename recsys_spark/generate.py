@@ -192,7 +192,7 @@ def _one_day(
 
     # One row per page view: session index, position in session, time.
     session = np.repeat(np.arange(n_sessions), views)
-    first = np.concatenate([[0], np.cumsum(views)[:-1]])
+    first = np.cumsum(views) - views
     position = np.arange(session.size) - np.repeat(first, views)
     gaps = np.where(position == 0, 0.0, rng.exponential(cfg.mean_gap_seconds, session.size))
     elapsed = np.cumsum(gaps)
@@ -284,17 +284,22 @@ def write_log(
     counts = dict.fromkeys(BEHAVIORS, 0)
     events = malformed = 0
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as sink:
-        for day, frame in enumerate(generate_events(cfg)):
-            lines = _render(frame, fmt, day, cfg.seed)
-            if malformed_rate > 0:
-                lines, n_bad = _inject_malformed(lines, frame, fmt, malformed_rate, bad_rng)
-                malformed += n_bad
-            sink.write(b"\n".join(lines) + b"\n")
-            events += len(frame)
-            for behavior, n in frame["behavior_type"].value_counts().items():
-                counts[str(behavior)] += int(n)
-    tmp.replace(path)  # a crash never leaves a half-written log under the final name
+    try:
+        with tmp.open("wb") as sink:
+            for day, frame in enumerate(generate_events(cfg)):
+                lines = _render(frame, fmt, day, cfg.seed)
+                if malformed_rate > 0:
+                    lines, n_bad = _inject_malformed(lines, frame, fmt, malformed_rate, bad_rng)
+                    malformed += n_bad
+                if lines:  # a day without events adds no (blank) line
+                    sink.write(b"\n".join(lines) + b"\n")
+                events += len(frame)
+                for behavior, n in frame["behavior_type"].value_counts().items():
+                    counts[str(behavior)] += int(n)
+        tmp.replace(path)  # a crash never leaves a half-written log under the final name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     report = GenerationReport(str(path), fmt, events, malformed, counts)
     log_event(log, "generate.done", path=str(path), format=fmt, events=events, malformed=malformed)
     return report

@@ -57,3 +57,34 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
     assert report["lines"] == len(out.read_text().splitlines()) > 0
     resolved = run(str(RECSYS), "config", "--json", "--root", str(tmp_path))
     assert json.loads(resolved.stdout.strip().splitlines()[-1])["root"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("generate", "--users", "0", "--out", "x.csv"),
+        ("generate", "--users", "many", "--out", "x.csv"),
+        ("generate", "--seed", "-1", "--out", "x.csv"),
+        ("generate",),
+        ("recommend", "--user", "abc"),
+        ("features", "--silver-version", "-1"),
+        ("replay", "--input", "x", "--format", "jsonl", "--landing", "l", "--rate", "nan"),
+        ("stream", "--timeout", "inf"),
+        ("no-such-command",),
+    ],
+)
+def test_usage_mistakes_are_one_line_errors(argv: tuple[str, ...], tmp_path: Path) -> None:
+    result = run(str(RECSYS), *argv, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "_int" not in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_into_a_folder_is_one_line_error(tmp_path: Path) -> None:
+    result = run(str(RECSYS), "generate", "--users", "20", "--items", "10", "--days", "1",
+                 "--out", str(tmp_path))
+    assert result.returncode == 1
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: cannot write") and str(tmp_path) in line
+    assert not list(tmp_path.iterdir())

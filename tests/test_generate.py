@@ -82,3 +82,18 @@ def test_jsonl_lines_parse_and_carry_event_ids(tmp_path: Path) -> None:
 def test_invalid_sizes_are_rejected(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         GeneratorConfig(**{"users": 10, "items": 10, "days": 1, **bad})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiny_logs_generate(tmp_path: Path, seed: int) -> None:
+    # A day on which no user is active must not break the session arithmetic.
+    report = write_log(GeneratorConfig(users=5, items=10, days=2, seed=seed), tmp_path / "tiny.csv")
+    assert report.events == len((tmp_path / "tiny.csv").read_text().splitlines())
+
+
+def test_unwritable_output_leaves_no_partial_file(tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    with pytest.raises(OSError):
+        write_log(GeneratorConfig(users=20, items=10, days=1, seed=0), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -12,6 +12,7 @@ them), in their original position.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -115,8 +116,9 @@ def replay(
 ) -> ReplayReport:
     if (rate is None) == (speedup is None):
         raise InputDataError("give exactly one of --rate and --speedup")
-    if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
-        raise InputDataError("--rate and --speedup must be positive")
+    pace = rate if rate is not None else speedup
+    if not (math.isfinite(pace) and pace > 0):
+        raise InputDataError("--rate and --speedup must be positive finite numbers")
     events = read_events(Path(input_path), fmt, limit)
     folder = Path(landing)
     folder.mkdir(parents=True, exist_ok=True)
