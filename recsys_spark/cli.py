@@ -285,6 +285,9 @@ def _tables(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.storage import check_table_name
+
+    check_table_name(args.table)  # before Spark starts
     _, lake = _session(settings)
     commits = lake.history(args.table, args.limit)
     for c in commits:
@@ -297,6 +300,10 @@ def _history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def _maintain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if not (args.optimize or args.vacuum):
         raise RecsysError("maintain needs --optimize and/or --vacuum")
+    from recsys_spark.storage import check_table_name
+
+    for name in args.tables:
+        check_table_name(name)  # before Spark starts
     _, lake = _session(settings)
     names = args.tables or [t.name for t in lake.tables()]
     done: dict[str, dict[str, Any]] = {}

@@ -26,6 +26,24 @@ DEFAULT_CONFIG = Path("conf/local.yaml")
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_mappings_are_empty(cls, data: Any) -> Any:
+        # A section (or spark.conf) whose every line is commented out is YAML null: empty.
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or not _is_mapping(cls, k)}
+
+
+def _is_mapping(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    annotation = field.annotation
+    return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or (
+        get_origin(annotation) or annotation
+    ) is dict
+
 
 def _as_utc(value: datetime | None) -> datetime | None:
     """Naive datetimes in config mean UTC: the lakehouse stores every timestamp in UTC."""
@@ -40,7 +58,7 @@ class SparkSettings(_Section):
     )
     app_name: str = Field("recsys-spark", description="Spark application name.")
     driver_memory: str | None = Field(
-        "2560m", description=(
+        "2560m", pattern=r"(?i)^[0-9]+[kmgt]?b?$", description=(
             "JVM heap of the local driver (ignored when spark-submit sets it). The process's "
             "resident memory is this plus ~0.5 GB of metaspace, code and GC structures.")
     )
@@ -316,7 +334,10 @@ class Settings(_Section):
         # Local roots are resolved once so every stage and every Spark worker sees one path.
         if "://" in value:
             return value.rstrip("/")
-        return str(Path(value).expanduser().resolve())
+        path = Path(value).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"lakehouse root {path} exists and is not a folder")
+        return str(path)
 
 
 def load_settings(
@@ -365,15 +386,43 @@ def _config_file(config_path: str | Path | None, environ: Mapping[str, str]) -> 
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
+class _RepeatedKeyError(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps only the last of a repeated key; here a repeated key is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _RepeatedKeyError(f"repeats the key {key!r} (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _read_yaml(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        loaded = yaml.safe_load(path.read_text())
+        # A SafeLoader subclass: no arbitrary Python objects.
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read config file {path}: {reason}") from exc
+    except _RepeatedKeyError as exc:
+        raise ConfigError(f"config file {path} {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -386,11 +435,11 @@ def _parse_value(raw: str) -> Any:
     text = raw.strip()
     if text.lower() in {"null", "none", "~"}:
         return None
-    if text[:1] in "[{":
+    if text.startswith(("[", "{")):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot parse override value {raw!r}: {exc}") from exc
+            raise ConfigError(f"cannot parse override value {raw!r}: {_one_line(exc)}") from exc
     return text
 
 
@@ -411,13 +460,19 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, *, origin: str) -> N
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if i == len(parts) - 1:
                 raise ConfigError(f"config key {key!r} is a section; set one of its keys")
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section commented out in the YAML
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} must be a mapping")
             model = annotation
             continue
         if (get_origin(annotation) or annotation) is dict and i < len(parts) - 1:
-            node.setdefault(part, {})[".".join(parts[i + 1 :])] = value
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} must be a mapping")
+            node[part][".".join(parts[i + 1 :])] = value
             return
         if i != len(parts) - 1:
             raise ConfigError(f"unknown config key {key!r} (from {origin})")

@@ -24,6 +24,12 @@ class InputDataError(RecsysError):
     """An input file is missing, empty, of the wrong format, or has nothing that parses."""
 
 
+class TableNameError(RecsysError, ValueError):
+    """A table name is not ``<layer>/<name>`` with a known layer."""
+
+    exit_code = 2
+
+
 class TableNotFoundError(RecsysError):
     """A table was read before anything wrote it."""
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys_spark.config import Settings
-from recsys_spark.errors import EngineUnavailableError
+from recsys_spark.errors import ConfigError, EngineUnavailableError
 from recsys_spark.logs import get_logger, log_event
 
 if TYPE_CHECKING:
@@ -49,7 +51,12 @@ REQUIRED_CONF: dict[str, str] = {
 
 
 def work_dir(settings: Settings) -> Path:
-    """Scratch space of local runs (Spark spill, Ivy cache, torchrun folders), under the root."""
+    """Scratch space of local runs (Spark spill, Ivy cache, torchrun folders), under the root.
+
+    A remote root (``s3a://...``) driven by a local session keeps its scratch in the temp folder.
+    """
+    if "://" in settings.root:
+        return Path(tempfile.gettempdir()) / "recsys-spark" / "_work"
     return Path(settings.root) / "_work"
 
 
@@ -130,7 +137,10 @@ def get_spark(settings: Settings) -> SparkSession:
         # Spill and shuffle files under the lakehouse, not /tmp (env, not spark.local.dir, which
         # Spark warns it may override).
         os.environ.setdefault("SPARK_LOCAL_DIRS", str(work_dir(settings) / "spark"))
-        work_dir(settings).mkdir(parents=True, exist_ok=True)
+        try:
+            work_dir(settings).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {work_dir(settings)}: {exc.strerror or exc}") from exc
     builder = SparkSession.builder
     if settings.spark.master:
         builder = builder.master(settings.spark.master)
@@ -140,9 +150,13 @@ def get_spark(settings: Settings) -> SparkSession:
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # the JVM failed to start; say what usually causes it
+        hint = (
+            "the JVM's own message is above; check spark.master, spark.driver_memory and spark.conf"
+            if os.environ.get("JAVA_HOME") or shutil.which("java")
+            else "Spark needs Java 17 on PATH or JAVA_HOME"
+        )
         raise EngineUnavailableError(
-            f"could not start Spark ({type(exc).__name__}: {exc}); Spark needs Java 17 on PATH "
-            "or JAVA_HOME"
+            f"could not start Spark ({type(exc).__name__}: {' '.join(str(exc).split())}); {hint}"
         ) from exc
     spark.sparkContext.setLogLevel(settings.spark.log_level)
     log_event(

@@ -70,6 +70,8 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
         ("features", "--silver-version", "-1"),
         ("replay", "--input", "x", "--format", "jsonl", "--landing", "l", "--rate", "nan"),
         ("stream", "--timeout", "inf"),
+        ("history", "events"),  # not <layer>/<name>: refused before Spark starts
+        ("maintain", "silver/events", "../x", "--vacuum"),
         ("no-such-command",),
     ],
 )
@@ -88,3 +90,10 @@ def test_generate_into_a_folder_is_one_line_error(tmp_path: Path) -> None:
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: cannot write") and str(tmp_path) in line
     assert not list(tmp_path.iterdir())
+
+
+def test_root_that_cannot_be_created_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run(str(RECSYS), "tables", "--root", str(tmp_path / "file" / "lake"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: cannot create {tmp_path / 'file' / 'lake' / '_work'}: Not a directory"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from recsys_spark.config import Settings, describe_settings, load_settings
 from recsys_spark.errors import ConfigError
+from recsys_spark.spark import work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,9 +122,59 @@ def test_default_root_is_absolute_too(tmp_path: Path, monkeypatch: pytest.Monkey
     assert load_settings(environ={}).root == str(tmp_path.resolve() / "lakehouse")
 
 
+def test_sections_with_every_key_commented_out_are_empty(tmp_path: Path) -> None:
+    # "conf:" or "spark:" whose lines are all commented out is YAML null, not an error.
+    config = tmp_path / "c.yaml"
+    config.write_text("spark:\n  conf:\n    # spark.executor.memory: 8g\nserving:\n  # k: 20\n")
+    settings = load_settings(config, overrides=["spark.conf.spark.executor.memory=8g"],
+                             root=tmp_path, environ={})
+    assert settings.spark.conf == {"spark.executor.memory": "8g"}
+    assert settings.serving.k == Settings(root=str(tmp_path)).serving.k
+
+
+def test_repeated_yaml_key_fails_naming_it(tmp_path: Path) -> None:
+    # YAML keeps the last of a repeated key: the first "spark" section would vanish silently.
+    config = tmp_path / "c.yaml"
+    config.write_text("spark:\n  shuffle_partitions: 2\nfeatures: {}\nspark:\n  app_name: x\n")
+    with pytest.raises(ConfigError, match="repeats the key 'spark'"):
+        load_settings(config, environ={})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read config file"),  # a folder
+        (b"\xff\xfespark: {}\n", "cannot read config file"),
+        (b"spark: [\n", "not valid YAML"),
+    ],
+)
+def test_unreadable_config_is_one_line_error(tmp_path: Path, content: bytes | None, message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.mkdir() if content is None else config.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(config, environ={})
+    assert "\n" not in str(caught.value)
+
+
+def test_override_values_keep_empty_strings_and_flatten_yaml_errors(tmp_path: Path) -> None:
+    settings = load_settings(overrides=["spark.app_name="], root=tmp_path, environ={})
+    assert settings.spark.app_name == ""
+    with pytest.raises(ConfigError, match="cannot parse") as caught:
+        load_settings(overrides=["spark.conf.a={x"], root=tmp_path, environ={})
+    assert "\n" not in str(caught.value)
+
+
+def test_root_that_is_a_file_fails(tmp_path: Path) -> None:
+    (tmp_path / "lake").write_text("")
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_settings(root=tmp_path / "lake", environ={})
+
+
 def test_remote_root_is_kept_verbatim() -> None:
     settings = load_settings(root="s3a://bucket/lake/", environ={})
     assert settings.root == "s3a://bucket/lake"
+    # A local session driving a remote lakehouse keeps its scratch files local.
+    assert work_dir(settings).is_relative_to(tempfile.gettempdir())
 
 
 def test_explain_lists_every_leaf_key() -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from recsys_spark.config import Settings
 from recsys_spark.constants import LAYERS
-from recsys_spark.errors import EngineUnavailableError, TableNotFoundError
+from recsys_spark.errors import EngineUnavailableError, TableNameError, TableNotFoundError
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.spark import delta_spark_loaded, literal_path
 from recsys_spark.storage.base import (
@@ -46,6 +46,7 @@ __all__ = [
     "PartitionFilter",
     "Scratch",
     "TableInfo",
+    "check_table_name",
     "open_lakehouse",
     "resolve_engine",
 ]
@@ -62,6 +63,16 @@ class TableInfo:
     version: int
 
 
+def check_table_name(table: str) -> str:
+    """``table`` if it is ``<layer>/<name>`` with a known layer, else ``TableNameError``."""
+    match = _TABLE_NAME.match(table)
+    if match is None or match["layer"] not in LAYERS:
+        raise TableNameError(
+            f"table name {table!r} must be '<layer>/<name>' with layer in {', '.join(LAYERS)}"
+        )
+    return table
+
+
 class Lakehouse:
     """Named Delta tables under one root, through one engine."""
 
@@ -71,12 +82,7 @@ class Lakehouse:
 
     def path(self, table: str) -> str:
         """``<root>/<layer>/<table>`` for a name like ``"silver/events"``."""
-        match = _TABLE_NAME.match(table)
-        if match is None or match["layer"] not in LAYERS:
-            raise ValueError(
-                f"table name {table!r} must be '<layer>/<name>' with layer in {', '.join(LAYERS)}"
-            )
-        return f"{self.root}/{table}"
+        return f"{self.root}/{check_table_name(table)}"
 
     def exists(self, table: str) -> bool:
         return self.engine.exists(self.path(table))
