@@ -440,10 +440,11 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if args.explain:
-        for key, default, help_text in describe_settings():
+        keys = describe_settings()
+        for key, default, help_text in keys:
             _say(args, f"{key:<40} default {default:<24} {help_text}")
-    else:
-        _say(args, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False).rstrip())
+        return {"keys": [{"key": k, "default": d, "help": h} for k, d, h in keys]}
+    _say(args, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False).rstrip())
     return settings.model_dump(mode="json")
 
 

@@ -57,6 +57,10 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
     assert report["lines"] == len(out.read_text().splitlines()) > 0
     resolved = run(str(RECSYS), "config", "--json", "--root", str(tmp_path))
     assert json.loads(resolved.stdout.strip().splitlines()[-1])["root"] == str(tmp_path)
+    explained = run(str(RECSYS), "config", "--explain", "--json")
+    keys = json.loads(explained.stdout.strip().splitlines()[-1])["keys"]
+    assert {"key": "storage.engine", "default": "'auto'"}.items() <= next(
+        k for k in keys if k["key"] == "storage.engine").items()
 
 
 @pytest.mark.parametrize(
