@@ -248,9 +248,10 @@ def _generate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.ingest import run_ingest
-    from recsys_spark.ingest.sources import discover_inputs
+    from recsys_spark.ingest.sources import discover_inputs, is_uri
 
-    discover_inputs(args.input)  # fail on a missing/empty input before starting Spark
+    if not is_uri(args.input):  # fail on a missing/empty local input before starting Spark
+        discover_inputs(args.input, lakehouse=settings.root)
     spark, lake = _session(settings)
     report = run_ingest(spark, lake, settings, input_path=args.input, fmt=args.format)
     _say(

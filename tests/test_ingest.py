@@ -277,9 +277,15 @@ def test_file_name_with_a_colon_is_read(spark, lake: Lakehouse, settings, capsys
     assert lake.read(SILVER_EVENTS).first().source_file.endswith("events-10:00.csv")
 
 
-def test_folder_is_read_with_its_subfolders(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+@pytest.mark.parametrize("as_uri", [False, True], ids=["local", "uri"])
+def test_folder_is_read_with_its_subfolders(
+    spark, lake: Lakehouse, settings, capsys, tmp_path, as_uri: bool
+) -> None:
     # Date-partitioned drops ("day=2017-11-25/part-0.csv") are common; hidden and "_" entries
-    # (temporary files, _SUCCESS markers, .staging folders) are not input.
+    # (temporary files, _SUCCESS markers, .staging folders) are not input. A URI (hdfs://,
+    # s3a://; here file://) is listed through Hadoop's file system instead of the local one.
+    # The lakehouse (settings.root is tmp_path/lake) lies inside the folder and is not input.
+    assert Path(settings.root).parent == tmp_path
     files = {
         "top.csv": "1,2,3,pv,1511539200\n",
         "day=1/a.csv": "4,5,6,pv,1511539201\n",
@@ -292,11 +298,15 @@ def test_folder_is_read_with_its_subfolders(spark, lake: Lakehouse, settings, ca
     for name, content in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content)
-    report = ingest(capsys, Path(settings.root), "taobao", tmp_path)
+    source = tmp_path.as_uri() if as_uri else tmp_path
+    report = ingest(capsys, Path(settings.root), "taobao", source)
     assert (report["rows_in"], report["rows_clean"]) == (3, 3)
-    assert sorted(r.source_file for r in lake.read(SILVER_EVENTS).collect()) == [
-        str(tmp_path / name) for name in ("day=1/a.csv", "day=2/deeper/b.csv", "top.csv")
-    ]
+    expected = [str(tmp_path / n) for n in ("day=1/a.csv", "day=2/deeper/b.csv", "top.csv")]
+    if as_uri:
+        expected = [f"file:{name}" for name in expected]  # Hadoop's spelling of a local URI
+    assert sorted(r.source_file for r in lake.read(SILVER_EVENTS).collect()) == expected
+    again = ingest(capsys, Path(settings.root), "taobao", source)
+    assert (again["status"], again["rows_duplicate"]) == ("skipped", 3)
 
 
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:

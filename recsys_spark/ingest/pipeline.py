@@ -179,7 +179,7 @@ def run_ingest(
             written then.
     """
     started = now or datetime.now(UTC)
-    files = discover_inputs(input_path)
+    files = discover_inputs(input_path, spark, lakehouse=lake.root)
     with lake.lock("ingest"):
         ingested = _ingested_fingerprints(lake)
         new_files = [f for f in files if f.fingerprint not in ingested]
