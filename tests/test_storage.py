@@ -4,6 +4,7 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -292,3 +293,96 @@ def test_delta_spark_and_delta_rs_read_each_others_tables(spark, tmp_path: Path)
     by_rs.write(events(spark, 30, offset=30), "silver/x", partition_by=["day"])
     assert by_spark.read("silver/x").count() == by_rs.read("silver/x").count() == 60
     assert DeltaTable(by_rs.path("silver/x")).to_pyarrow_table().num_rows == 60
+
+
+def test_partition_values_with_special_characters_round_trip(spark, lake: Lakehouse) -> None:
+    # Spark escapes such folder names (%20, %25, %3A); the Delta log must name them so that
+    # both readers find the files, and the values must come back as written.
+    values = ["home garden", "50%", "a:b", "x=y", "plain"]
+    df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "k long, cat string")
+    lake.write(df, "silver/t", partition_by=["cat"])
+    assert sorted((r.k, r.cat) for r in lake.read("silver/t").collect()) == list(enumerate(values))
+    arrow = DeltaTable(lake.path("silver/t")).to_pyarrow_table()
+    assert sorted(zip(arrow.column("k").to_pylist(), arrow.column("cat").to_pylist())) == list(enumerate(values))
+    lake.write(df.filter("k = 0"), "silver/t", mode="overwrite", partition_by=["cat"],
+               partition_filters=[("cat", "=", "home garden")])
+    assert lake.read("silver/t").count() == len(values)
+
+
+def test_deltalake_filtered_reads_use_sound_statistics(spark, lake: Lakehouse) -> None:
+    # delta-rs skips a file whose column has a null count but no min/max as if nothing matched:
+    # every plain column needs sound bounds (long strings truncated, max rounded up).
+    long = "z" * 40 + "tail"
+    df = spark.createDataFrame(
+        [(1, "pv", 1.5, Decimal("12.34"), True, long), (2, "buy", -2.5, Decimal("-5.00"), False, "a")],
+        "k long, b string, score double, price decimal(10,2), flag boolean, text string",
+    ).coalesce(1)
+    lake.write(df, "silver/t")
+    table = DeltaTable(lake.path("silver/t"))
+    for column, value in [("b", "pv"), ("score", 1.5), ("price", Decimal("12.34")), ("flag", True),
+                          ("text", long), ("k", 1)]:
+        assert table.to_pyarrow_table(filters=[(column, "=", value)]).column("k").to_pylist() == [1], column
+
+
+def test_naive_timestamp_statistics_do_not_depend_on_the_local_zone(spark, lake: Lakehouse, monkeypatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        df = spark.createDataFrame([(1, datetime(2024, 1, 1, 12))], "k long, t timestamp_ntz")
+        lake.write(df, "silver/t")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    deleted = lake.delete("silver/t", "t = '2024-01-01T12:00:00'")
+    assert deleted.rows_deleted == 1
+
+
+def test_partition_overwrite_keeps_the_schema_of_other_partitions(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 100), "silver/t", partition_by=["day"])
+    first_day = str(lake.read("silver/t").agg(F.min("day")).first()[0])
+    slim = events(spark, 100).filter(F.col("day") == first_day).drop("v")
+    with pytest.raises(SchemaMismatchError, match=r"missing columns \['v'\]"):
+        lake.write(slim, "silver/t", mode="overwrite", partition_by=["day"],
+                   partition_filters=[("day", "=", first_day)])
+    assert lake.read("silver/t").columns == ["k", "v", "ts", "day"]
+
+
+def test_partition_filters_take_equality_and_in_only(spark, lake: Lakehouse) -> None:
+    df = spark.createDataFrame([(1, True), (2, False)], "k long, flag boolean")
+    lake.write(df, "silver/t", partition_by=["flag"])
+    lake.write(df.filter("flag").withColumn("k", F.lit(9).cast("long")), "silver/t", mode="overwrite",
+               partition_by=["flag"], partition_filters=[("flag", "=", True)])
+    assert sorted(r.k for r in lake.read("silver/t").collect()) == [2, 9]
+    with pytest.raises(ValueError, match="'=' or 'in'"):
+        lake.write(df.filter("not flag"), "silver/t", mode="overwrite", partition_by=["flag"],
+                   partition_filters=[("flag", "!=", True)])
+    assert sorted(r.k for r in lake.read("silver/t").collect()) == [2, 9]
+
+
+def test_arrow_writes_refuse_unknown_columns(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t")
+    extra = events(spark, 2, offset=10).withColumn("reason", F.lit("x")).toArrow()
+    with pytest.raises(SchemaMismatchError, match="reason"):
+        lake.write(extra, "silver/t")
+    with pytest.raises(SchemaMismatchError, match="reason"):
+        lake.upsert(extra, "silver/t", keys=["k"])
+    assert lake.read("silver/t").count() == 10
+
+
+def test_reading_a_version_that_does_not_exist_names_the_latest(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t")
+    for version in (5, -1):
+        with pytest.raises(TableNotFoundError, match=r"silver/t has no version .* \(latest 0\)"):
+            lake.read("silver/t", version=version)
+
+
+def test_column_names_with_dots_read_back(spark, lake: Lakehouse) -> None:
+    lake.write(spark.createDataFrame([(1, 2.5)], "k long, `price.eur` double"), "gold/t")
+    assert lake.read("gold/t").first()["price.eur"] == 2.5
+
+
+def test_vacuum_rounds_the_retention_up(spark, lake: Lakehouse) -> None:
+    lake.write(events(spark, 10), "silver/t")
+    lake.write(events(spark, 5), "silver/t", mode="overwrite")
+    lake.vacuum("silver/t", retention_hours=0.5)  # the replaced files are seconds old
+    assert lake.read("silver/t", version=0).count() == 10

@@ -102,6 +102,10 @@ class Lakehouse:
         path = self.path(table)
         if not self.engine.exists(path):
             raise TableNotFoundError(f"table {table} does not exist under {self.root}")
+        if version is not None:
+            latest = self.engine.version(path)
+            if not 0 <= version <= latest:
+                raise TableNotFoundError(f"table {table} has no version {version} (latest {latest})")
         return self.engine.read(path, version=version, timestamp=timestamp)
 
     def write(
@@ -131,6 +135,13 @@ class Lakehouse:
         """
         if partition_filters and mode != "overwrite":
             raise ValueError("partition_filters select partitions to overwrite; use mode='overwrite'")
+        for column, op, value in partition_filters or ():
+            # Anything else ("!=", ">") cannot be checked against the rows written.
+            if op not in ("=", "in") or value is None:
+                raise ValueError(
+                    f"partition filter on {column!r}: use '=' or 'in' with non-null values, "
+                    f"got {op!r} {value!r}"
+                )
         path = self.path(table)
         if isinstance(df, pa.Table):
             if mode == "append" and self.engine.exists(path):

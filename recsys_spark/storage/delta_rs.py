@@ -23,9 +23,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +71,8 @@ _COMMIT_INFO_FIELDS = {
     "clientVersion", "version", "readVersion", "isBlindAppend", "userMetadata",
 }
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+_STRING_STATS_PREFIX = 32
+_MAX_CHAR = "\U0010ffff"  # sorts after every character: a cut max stays an upper bound
 
 
 class DeltaRsEngine(TableEngine):
@@ -122,7 +125,8 @@ class DeltaRsEngine(TableEngine):
             return self.spark.createDataFrame([], schema)
         # basePath keeps the partition columns, which live in folder names, not in the files.
         df = self.spark.read.schema(schema).option("basePath", path).parquet(*map(literal_path, files))
-        return df.select(*schema.fieldNames())
+        # Quoted: a name may hold a dot ("price.eur"), which Spark would read as a struct field.
+        return df.select(*(f"`{name.replace('`', '``')}`" for name in schema.fieldNames()))
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -142,7 +146,9 @@ class DeltaRsEngine(TableEngine):
             replayed = _replayed(existing, idempotency)
             if replayed is not None:
                 return replayed
-            _check_layout(existing, df.schema, partition_by, mode)
+            # An overwrite of selected partitions keeps the others: it must keep their schema.
+            keep_schema = mode == "append" or bool(partition_filters)
+            _check_layout(existing, df.schema, partition_by, keep_schema=keep_schema)
         staging = Path(path) / STAGING_DIR / uuid.uuid4().hex
         published: list[Path] = []
         try:
@@ -169,8 +175,8 @@ class DeltaRsEngine(TableEngine):
                 existing.create_write_transaction(
                     actions,
                     mode=mode,
-                    # Appends keep the table's schema; an overwrite may replace it.
-                    schema=existing.schema() if mode == "append" else schema,
+                    # Appends keep the table's schema; a full overwrite may replace it.
+                    schema=existing.schema() if mode == "append" or partition_filters else schema,
                     partition_by=list(partition_by) or None,
                     partition_filters=_delta_rs_filters(partition_filters),
                     commit_properties=properties,
@@ -221,7 +227,7 @@ class DeltaRsEngine(TableEngine):
                                                   commit_properties=properties)
         except (DeltaCommitFailed, DeltaError, OSError) as exc:
             raise CommitFailedError(f"appending to {path} failed, nothing was committed: {exc}") from exc
-        version = DeltaTable(path).version()
+        version = existing.version()  # this commit's, even when another writer commits next
         log_event(log, "delta.write", table=path, mode="append", version=version, rows=source.num_rows,
                   files=None, via="arrow")
         return CommitResult(version=version, rows_written=source.num_rows)
@@ -284,7 +290,7 @@ class DeltaRsEngine(TableEngine):
     def vacuum(self, path: str, retention_hours: float) -> list[str]:
         table = self._open(path)
         removed = table.vacuum(
-            retention_hours=math.floor(retention_hours),
+            retention_hours=math.ceil(retention_hours),  # never younger than asked
             dry_run=False,
             enforce_retention_duration=False,
             full=True,  # also orphans: files a crashed write left behind, never committed
@@ -334,6 +340,9 @@ def _commit_properties(
 def _conform(source: pa.Table, table: DeltaTable, what: str) -> pa.Table:
     """``source`` with the table's columns, in its order and types."""
     target = pa.schema(table.schema().to_arrow())
+    extra = sorted(set(source.column_names) - set(target.names))
+    if extra:
+        raise SchemaMismatchError(f"{what}: unexpected columns {extra}")
     try:
         return source.select(target.names).cast(target)
     except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -341,7 +350,7 @@ def _conform(source: pa.Table, table: DeltaTable, what: str) -> pa.Table:
 
 
 def _check_layout(
-    table: DeltaTable, schema: StructType, partition_by: Sequence[str], mode: WriteMode
+    table: DeltaTable, schema: StructType, partition_by: Sequence[str], *, keep_schema: bool
 ) -> None:
     current = table.metadata().partition_columns
     if list(partition_by) != list(current):
@@ -349,7 +358,7 @@ def _check_layout(
             f"table {table.table_uri} is partitioned by {current}, the write asked for "
             f"{list(partition_by)}"
         )
-    if mode != "append":
+    if not keep_schema:
         return
     expected = {f.name: f.dataType for f in spark_schema(table).fields}
     given = {f.name: f.dataType for f in schema.fields}
@@ -358,7 +367,7 @@ def _check_layout(
     wrong = sorted(n for n in set(expected) & set(given) if _strip_nullability(expected[n]) != _strip_nullability(given[n]))
     if missing or extra or wrong:
         raise SchemaMismatchError(
-            f"append to {table.table_uri}: missing columns {missing}, unexpected columns {extra}, "
+            f"write to {table.table_uri}: missing columns {missing}, unexpected columns {extra}, "
             f"different types {wrong}"
         )
 
@@ -409,7 +418,7 @@ def _publish(table_root: Path, staging: Path, staged: Path, published: list[Path
     published.append(target)
     stat = target.stat()
     return AddAction(
-        path=quote(str(target.relative_to(table_root)), safe="/="),
+        path=str(target.relative_to(table_root)),  # delta-rs encodes it for the log
         size=stat.st_size,
         partition_values=_partition_values(relative),
         modification_time=int(stat.st_mtime * 1000),
@@ -428,45 +437,56 @@ def _partition_values(relative: Path) -> dict[str, str | None]:
 
 
 def _file_stats(metadata: pq.FileMetaData) -> str:
-    """Delta file statistics from the Parquet footer: row count, nulls, min/max where safe.
+    """Delta file statistics from the Parquet footer: row count, nulls, min/max where sound.
 
-    Only integer, date and timestamp columns get min/max: their footer values are exact (strings
-    may be truncated, floats carry NaN). Timestamps are rounded outward to milliseconds, the
-    precision Delta stores, so a file is never skipped wrongly.
+    delta-rs skips a file whose column has a null count but no min/max as if nothing in it
+    could match, so every plain column gets bounds that enclose its values: strings cut to
+    32 characters (as delta-spark does; the max then rounded up), decimals as the JSON numbers
+    that spell them exactly, timestamps rounded outward to milliseconds, the precision Delta
+    stores. Columns without sound bounds (NaN, long decimals, binary, nested) get no stats.
     """
     stats: dict[str, Any] = {"numRecords": metadata.num_rows}
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
     nulls: dict[str, int] = {}
     schema = metadata.schema
+    top_level = set(schema.to_arrow_schema().names)
     for col in range(metadata.num_columns):
         column = schema.column(col)
-        if "." in column.path:
+        if column.path not in top_level:
             continue  # nested leaves: no stats
         values = [metadata.row_group(rg).column(col).statistics for rg in range(metadata.num_row_groups)]
         if not values or any(v is None for v in values):
             continue
-        nulls[column.path] = sum(v.null_count for v in values)
         bounds = [(v.min, v.max) for v in values if v.has_min_max]
         if len(bounds) != len(values) or not bounds:
+            if all(v.null_count == v.num_values for v in values):
+                nulls[column.path] = sum(v.null_count for v in values)  # all null: no bounds
             continue
-        low = min(b[0] for b in bounds)
-        high = max(b[1] for b in bounds)
-        rendered = _render_bounds(low, high)
+        rendered = _render_bounds(min(b[0] for b in bounds), max(b[1] for b in bounds))
         if rendered is not None:
             mins[column.path], maxs[column.path] = rendered
+            nulls[column.path] = sum(v.null_count for v in values)
     stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
     return json.dumps(stats)
 
 
 def _render_bounds(low: Any, high: Any) -> tuple[Any, Any] | None:
-    if isinstance(low, bool):
-        return None
-    if isinstance(low, int):
+    if isinstance(low, bool | int):
         return low, high
+    if isinstance(low, float):
+        return None if math.isnan(low) or math.isnan(high) else (low, high)
+    if isinstance(low, Decimal):
+        exact = all(Decimal(repr(float(v))) == v for v in (low, high))
+        return (float(low), float(high)) if exact else None
+    if isinstance(low, str):
+        cut = _STRING_STATS_PREFIX
+        return low[:cut], high if len(high) <= cut else high[:cut] + _MAX_CHAR
     if isinstance(low, datetime):
-        floor = low.astimezone(UTC).replace(microsecond=low.microsecond // 1000 * 1000)
-        ceil = high.astimezone(UTC)
+        # Naive values are timestamp_ntz wall times: UTC by convention, not the machine's zone.
+        low, high = (v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC) for v in (low, high))
+        floor = low.replace(microsecond=low.microsecond // 1000 * 1000)
+        ceil = high
         if ceil.microsecond % 1000:
             ceil = ceil.replace(microsecond=ceil.microsecond // 1000 * 1000) + timedelta(milliseconds=1)
         return _iso_millis(floor), _iso_millis(ceil)
@@ -483,7 +503,7 @@ def _check_within_filters(actions: list[AddAction], filters: Sequence[PartitionF
     """An overwrite of selected partitions must not add rows outside those partitions."""
     for action in actions:
         for column, op, value in filters:
-            allowed = {str(v) for v in value} if op == "in" else {str(value)}
+            allowed = set(_partition_texts(op, value))
             if action.partition_values.get(column) not in allowed:
                 raise ValueError(
                     f"data has {column}={action.partition_values.get(column)!r}, outside the "
@@ -495,9 +515,16 @@ def _delta_rs_filters(filters: Sequence[PartitionFilter] | None) -> list[tuple[s
     if not filters:
         return None
     return [
-        (column, op, [str(v) for v in value] if op == "in" else str(value))
+        (column, op, texts if op == "in" else texts[0])
         for column, op, value in filters
+        for texts in [_partition_texts(op, value)]
     ]
+
+
+def _partition_texts(op: str, value: Any) -> list[str]:
+    """Filter values as partition folders spell them (Spark writes booleans as true/false)."""
+    values = value if op == "in" else [value]
+    return [str(v).lower() if isinstance(v, bool) else str(v) for v in values]
 
 
 def _remove_files(paths: list[Path]) -> None:
