@@ -150,6 +150,18 @@ def test_temporal_split_by_hand(spark) -> None:
     }
 
 
+def test_temporal_targets_survive_collapsing(spark) -> None:
+    # The item the history ends with, bought in the test window, is still the test target.
+    t0 = datetime(2020, 1, 1, tzinfo=UTC)
+    rows = [(1, 1, None, "pv", t0), (1, 3, None, "pv", t0 + DAY), (1, 3, None, "cart", t0 + 2 * DAY),
+            (1, 3, None, "buy", t0 + 8 * DAY)]
+    examples = derive(frame(spark, rows), temporal_table(
+        validation_start=t0 + 4 * DAY, test_start=t0 + 7 * DAY, max_length=10, collapse_repeats=True,
+    ))
+    got = {(r.user_id, r.split): (r.history_items, r.history_behaviors, r.targets) for r in examples.collect()}
+    assert got == {(1, "train"): ([1, 3], [1, 2], []), (1, "test"): ([1, 3], [1, 2], [3])}
+
+
 @pytest.fixture
 def ingested(spark, lake: Lakehouse, settings, capsys, tmp_path) -> Path:
     log = tmp_path / "events.csv"
@@ -227,3 +239,26 @@ def test_features_without_silver_fail_clearly(settings, capsys) -> None:
     code, _, err = run_cli(capsys, "features", "--root", settings.root, "--set", "logging.level=WARNING")
     assert code == 1
     assert "error: table silver/events does not exist" in err
+
+
+@pytest.mark.integration
+def test_rebuild_ignores_how_later_ingests_would_split(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # Sequences alone are split leave-one-out; a later event log switches new builds to
+    # temporal, but a rebuild of the old silver version must still be leave-one-out.
+    seqs = tmp_path / "seq.txt"
+    seqs.write_text("".join(f"{u} " + " ".join(str(u * 7 % 13 + k) for k in range(6)) + "\n" for u in range(1, 30)))
+    for fmt, path in (("sequences", seqs),):
+        code, _, err = run_cli(capsys, "ingest", "--format", fmt, "--input", str(path),
+                               "--root", settings.root, "--set", "logging.level=WARNING")
+        assert code == 0, err
+    first = build(capsys, settings)
+    original = sorted(map(str, lake.read(GOLD_TRAINING_EXAMPLES).collect()))
+    later = tmp_path / "later.csv"
+    later.write_text("".join(f"{u},{u + 100},1,buy,{1700000000 + u}\n" for u in range(1, 30)))
+    code, _, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(later),
+                           "--root", settings.root, "--set", "logging.level=WARNING")
+    assert code == 0, err
+    rebuilt = build(capsys, settings, "--silver-version", str(first["source_versions"][SILVER_EVENTS]),
+                    "--as-of", first["as_of"])
+    assert (first["protocol"], rebuilt["protocol"]) == ("leave-one-out", "leave-one-out")
+    assert sorted(map(str, lake.read(GOLD_TRAINING_EXAMPLES).collect())) == original

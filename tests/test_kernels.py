@@ -40,8 +40,14 @@ def reference_histories(batch: pa.RecordBatch, collapse: bool) -> dict[int, list
         out.setdefault(row["user_idx"], []).append(row)
     for u, events in out.items():
         events.sort(key=lambda e: (e["ts"], e["item"], e["behavior"]))
-        if collapse:
-            out[u] = [e for i, e in enumerate(events) if i == 0 or e["item"] != events[i - 1]["item"]]
+        if collapse:  # a run on one item is one step, at its first time, with its strongest behaviour
+            runs: list[dict] = []
+            for e in events:
+                if runs and runs[-1]["item"] == e["item"]:
+                    runs[-1]["behavior"] = max(runs[-1]["behavior"], e["behavior"])
+                else:
+                    runs.append(dict(e))
+            out[u] = runs
     return out
 
 
@@ -108,16 +114,19 @@ def test_leave_one_out_matches_reference(seed: int) -> None:
             assert r["history_end_ts"] <= r["target_start_ts"]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_temporal_matches_reference(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "collapse"), [(s, c) for s in range(4) for c in (False, True)])
+def test_temporal_matches_reference(seed: int, collapse: bool) -> None:
+    # Collapsing shortens histories only: a window's targets are all its distinct items, even
+    # one the user last touched just before the window.
     batch = random_batch(seed)
     val, test = AS_OF - 20 * DAY, AS_OF - 8 * DAY
     got = kernels.temporal(kernels.from_arrow(batch), validation_start=val, test_start=test,
-                           max_length=3).to_pylist()
+                           max_length=3, collapse=collapse).to_pylist()
     expected = []
+    histories = reference_histories(batch, collapse=collapse)
     for u, h in reference_histories(batch, collapse=False).items():
-        before_val = [e["item"] for e in h if e["ts"] < val]
-        before_test = [e["item"] for e in h if e["ts"] < test]
+        before_val = [e["item"] for e in histories[u] if e["ts"] < val]
+        before_test = [e["item"] for e in histories[u] if e["ts"] < test]
         in_val = list(dict.fromkeys(e["item"] for e in h if val <= e["ts"] < test))
         in_test = list(dict.fromkeys(e["item"] for e in h if e["ts"] >= test))
         if before_val:
@@ -160,3 +169,11 @@ def test_whole_users_keep_a_user_longer_than_a_chunk_together() -> None:
     batches = [one.slice(i, 2) for i in range(0, 11, 2)]
     chunks = list(kernels.whole_users(iter(batches), min_rows=3))
     assert [c.column("user_idx").to_pylist() for c in chunks] == [[7] * 10, [8]]
+
+
+def test_collapsed_step_keeps_the_strongest_behaviour() -> None:
+    rows = [{"user_idx": 0, "user_id": 5, "ts": AS_OF + i, "item": item, "behavior": code, "category": 7}
+            for i, (item, code) in enumerate([(10, 1), (10, 2), (10, 4), (10, 1), (11, 1)])]
+    events = kernels.collapse_repeats(kernels.from_arrow(pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA)))
+    (row,) = kernels.user_sequences(events, max_length=5).to_pylist()
+    assert (row["items"], row["behaviors"], row["gaps"]) == ([10, 11], [4, 1], [0, 4])

@@ -15,6 +15,7 @@ def test_storage_api() -> None:
         "PartitionFilter",
         "Scratch",
         "TableInfo",
+        "check_table_name",
         "open_lakehouse",
         "resolve_engine",
     ]

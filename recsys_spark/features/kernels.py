@@ -114,10 +114,18 @@ def from_arrow(rows: pa.Table | pa.RecordBatch) -> UserEvents:
 
 
 def collapse_repeats(events: UserEvents) -> UserEvents:
-    """Keep the first of consecutive events on the same item (a run of views is one step)."""
+    """One step per run of consecutive events on the same item (views, cart, buy of one item):
+    at the run's first time, with its strongest behaviour (the highest code; buy is highest)."""
     keep = np.zeros(len(events.ts), dtype=bool)
     keep[events.offsets[:-1][events.lengths > 0]] = True
     keep[1:] |= events.item[1:] != events.item[:-1]
+    runs = np.flatnonzero(keep)
+    strongest = np.maximum.reduceat(events.behavior, runs) if len(runs) else None
+    return _subset(events, keep, behavior=strongest)
+
+
+def _subset(events: UserEvents, keep: np.ndarray, behavior: np.ndarray | None = None) -> UserEvents:
+    """The events where ``keep`` holds, every user kept (possibly with none)."""
     kept_per_user = np.bincount(events.owner[keep], minlength=events.n_users)
     return UserEvents(
         user_idx=events.user_idx,
@@ -125,7 +133,7 @@ def collapse_repeats(events: UserEvents) -> UserEvents:
         offsets=np.concatenate([[0], np.cumsum(kept_per_user)]).astype(np.int64),
         ts=events.ts[keep],
         item=events.item[keep],
-        behavior=events.behavior[keep],
+        behavior=events.behavior[keep] if behavior is None else behavior,
         category=events.category[keep],
     )
 
@@ -285,33 +293,49 @@ def leave_one_out(events: UserEvents, *, max_length: int) -> pa.Table:
 
 
 def temporal(
-    events: UserEvents, *, validation_start: int, test_start: int, max_length: int
+    events: UserEvents, *, validation_start: int, test_start: int, max_length: int, collapse: bool
 ) -> pa.Table:
     """Temporal rows (see ``features.sequences``): training sequences before
-    ``validation_start``, validation/test targets = distinct items of each window."""
+    ``validation_start``, validation/test targets = distinct items of each window.
+
+    With ``collapse`` the histories are collapsed (``collapse_repeats``), the targets never: a
+    window's first event on the item the history ends with is still a target.
+    """
     begin, end = events.offsets[:-1], events.offsets[1:]
-    owner = events.owner
     # Sorted by time within each user, so each cut-off is one position per user.
-    before_val = begin + np.bincount(owner[events.ts < validation_start], minlength=events.n_users)
-    before_test = begin + np.bincount(owner[events.ts < test_start], minlength=events.n_users)
+    before_val, before_test = _cut(events, validation_start), _cut(events, test_start)
     users = np.arange(events.n_users)
-    has_train = before_val > begin
-    has_val = before_test > before_val
-    has_test = end > before_test
-    tr, va, te = users[has_train], users[has_val], users[has_test]
-    rows = [
-        _Rows(tr, begin[tr], before_val[tr], max_length + 1, None, TRAIN),
-        _Rows(va, begin[va], before_val[va], max_length, (before_val[va], before_test[va]), VALIDATION),
-        _Rows(te, begin[te], before_test[te], max_length, (before_test[te], end[te]), TEST),
+    tr, va, te = users[before_val > begin], users[before_test > before_val], users[end > before_test]
+    # Histories are collapsed per cut-off, so a step's strongest behaviour never comes from
+    # inside the window it predicts.
+    early, late = (
+        collapse_repeats(_subset(events, events.ts < at)) if collapse else events
+        for at in (validation_start, test_start)
+    )
+    early_end, late_end = _cut(early, validation_start), _cut(late, test_start)
+    windows = (before_val[va], before_test[va]), (before_test[te], end[te])
+    early_rows = [
+        _Rows(tr, early.offsets[tr], early_end[tr], max_length + 1, None, TRAIN),
+        _Rows(va, early.offsets[va], early_end[va], max_length, windows[0], VALIDATION),
     ]
-    return _examples(events, rows, single_targets=False)
+    late_rows = [_Rows(te, late.offsets[te], late_end[te], max_length, windows[1], TEST)]
+    return pa.concat_tables([
+        _examples(early, early_rows, single_targets=False, target_events=events),
+        _examples(late, late_rows, single_targets=False, target_events=events),
+    ])
+
+
+def _cut(events: UserEvents, at: int) -> np.ndarray:
+    """Per user, the position of its first event at or after ``at``."""
+    return events.offsets[:-1] + np.bincount(events.owner[events.ts < at], minlength=events.n_users)
+
 
 
 @dataclass(frozen=True)
 class _Rows:
     """Example rows of one split: history = events [begin, end) truncated to the last
     ``keep``; targets = the event at ``targets`` (int array) or the distinct items of the
-    window ``targets = (start, stop)``; None for training rows."""
+    window ``targets = (start, stop)`` of the target events; None for training rows."""
 
     users: np.ndarray
     begin: np.ndarray
@@ -321,12 +345,16 @@ class _Rows:
     split: str
 
 
-def _examples(events: UserEvents, rows: list[_Rows], *, single_targets: bool) -> pa.Table:
+def _examples(
+    events: UserEvents, rows: list[_Rows], *, single_targets: bool,
+    target_events: UserEvents | None = None,
+) -> pa.Table:
     batches = []
     for r in rows:
         starts = np.maximum(r.begin, r.end - r.keep)
         items, behaviors, gaps, end_ts = _windows(events, starts, r.end)
-        targets, target_ts = _targets(events, r, single_targets)
+        target_source = events if target_events is None else target_events
+        targets, target_ts = _targets(target_source, r, single_targets)
         # Evaluation masks everything the user saw before the target, not only the truncated
         # history; training rows need no mask.
         seen_stop = r.end if r.targets is not None else r.begin

@@ -88,13 +88,15 @@ class FeatureReport:
         return asdict(self)
 
 
-def ingested_formats(lake: Lakehouse) -> set[str]:
-    """Input formats of every successful ingest run."""
+def ingested_formats(lake: Lakehouse, silver_version: int) -> set[str]:
+    """Input formats of the successful ingest runs that made ``silver_version`` (or older):
+    later runs must not change how that version is split, or a rebuild would differ."""
     if not lake.exists(OPS_INGEST_RUNS):
         return set()
     rows = (
         lake.read(OPS_INGEST_RUNS)
         .filter(F.col("status") == "succeeded")
+        .filter(F.col("table_versions")[SILVER_EVENTS] <= silver_version)
         .select("format")
         .distinct()
         .collect()
@@ -174,7 +176,7 @@ def build_features(
     events = events.filter(F.col(EVENT_TS) <= F.lit(as_of))
     if cfg.as_of is not None:  # items first seen after as_of are not part of its catalogue
         num_items = int(events.agg(F.max(ITEM_IDX)).first()[0] or -1) + 1
-    formats = ingested_formats(lake)
+    formats = ingested_formats(lake, version)
     protocol = resolve_protocol(cfg, formats)
     collapse = resolve_collapse(cfg, formats)
     validation_start = test_start = None

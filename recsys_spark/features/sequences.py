@@ -137,8 +137,9 @@ def temporal_table(
         validation_start=int(validation_start.timestamp()),
         test_start=int(test_start.timestamp()),
         max_length=max_length,
+        collapse=collapse_repeats,  # histories only: targets keep every window event
     )
-    return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=collapse_repeats)
+    return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=False)
 
 
 def derive_user_tables(clustered: DataFrame, tables: Sequence[UserTable]) -> DataFrame:
