@@ -89,6 +89,19 @@ def test_item_features_by_hand(toy) -> None:
     assert rows[13].category_id == 300
 
 
+def test_windows_count_sub_second_times_exactly(spark) -> None:
+    # as_of has a fraction; an event 86,399.95 s old is inside the 1-day window, one exactly a
+    # day old is not (whole seconds would put the first on the edge).
+    as_of = T + timedelta(milliseconds=900)
+    rows = [(1, 10, 1, "pv", as_of), (1, 11, 1, "pv", as_of - DAY + timedelta(milliseconds=50)),
+            (1, 12, 1, "pv", as_of - DAY)]
+    events = frame(spark, rows)
+    (user,) = derive(events, user_features_table(as_of=as_of, windows_days=[1], top_categories=1)).collect()
+    assert user.pv_1d == 2
+    items = {r.item_id: r.pv_1d for r in build_item_features(events, as_of=as_of, windows_days=[1]).collect()}
+    assert items == {10: 1, 11: 1, 12: 0}
+
+
 def test_sequences_sorted_with_repeats_collapsed_or_kept(toy) -> None:
     def items(collapse: bool) -> dict[int, list[int]]:
         seqs = derive(toy, user_sequences_table(max_length=10, collapse_repeats=collapse))

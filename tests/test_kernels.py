@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -10,8 +11,11 @@ import pytest
 
 from recsys_spark.features import kernels
 
-AS_OF = 1_700_000_000
-DAY = 86_400
+US = 1_000_000  # kernel times are Unix microseconds
+AS_OF = 1_700_000_000 * US
+DAY = 86_400 * US
+HOUR = 3_600 * US
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def random_batch(seed: int, users: int = 40) -> pa.RecordBatch:
@@ -24,7 +28,9 @@ def random_batch(seed: int, users: int = 40) -> pa.RecordBatch:
                 {
                     "user_idx": int(u),
                     "user_id": 1000 + int(u),
-                    "ts": int(AS_OF - rng.integers(0, 40 * DAY)) // 3600 * 3600,  # ties happen
+                    # whole hours, so ties happen, some with a sub-second part
+                    "ts": int(AS_OF - rng.integers(0, 40 * DAY)) // HOUR * HOUR
+                    + int(rng.choice([0, 0, 250_000])),
                     "item": int(rng.integers(0, 6)),
                     "behavior": int(rng.integers(1, 5)),
                     "category": int(rng.choice([-1, 7, 8, 9])),
@@ -52,7 +58,7 @@ def reference_histories(batch: pa.RecordBatch, collapse: bool) -> dict[int, list
 
 
 def gaps(events: list[dict]) -> list[int]:
-    return [0] + [b["ts"] - a["ts"] for a, b in zip(events, events[1:], strict=False)]
+    return [0] + [(b["ts"] - a["ts"]) // US for a, b in zip(events, events[1:], strict=False)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -67,7 +73,7 @@ def test_user_features_match_reference(seed: int) -> None:
             for w in (1, 7, 30):
                 assert row[f"{name}_{w}d"] == sum(AS_OF - e["ts"] < w * DAY for e in mine)
         assert row["total_events"] == len(events)
-        assert row["recency_seconds"] == AS_OF - events[-1]["ts"]
+        assert row["recency_seconds"] == (AS_OF - events[-1]["ts"]) // US
         cats = Counter(e["category"] for e in events if e["category"] != -1)
         assert row["distinct_categories"] == len(cats)
         assert row["top_categories"] == [c for c, _ in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))][:2]
@@ -89,7 +95,7 @@ def test_sequences_match_reference(seed: int, collapse: bool) -> None:
         assert row["behaviors"] == [e["behavior"] for e in recent]
         assert row["gaps"] == gaps(recent)
         assert row["length"] == len(recent)
-        assert int(row["last_event_ts"].timestamp()) == recent[-1]["ts"]
+        assert (row["last_event_ts"] - EPOCH) // timedelta(microseconds=1) == recent[-1]["ts"]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -172,8 +178,19 @@ def test_whole_users_keep_a_user_longer_than_a_chunk_together() -> None:
 
 
 def test_collapsed_step_keeps_the_strongest_behaviour() -> None:
-    rows = [{"user_idx": 0, "user_id": 5, "ts": AS_OF + i, "item": item, "behavior": code, "category": 7}
+    rows = [{"user_idx": 0, "user_id": 5, "ts": AS_OF + i * US, "item": item, "behavior": code, "category": 7}
             for i, (item, code) in enumerate([(10, 1), (10, 2), (10, 4), (10, 1), (11, 1)])]
     events = kernels.collapse_repeats(kernels.from_arrow(pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA)))
     (row,) = kernels.user_sequences(events, max_length=5).to_pylist()
     assert (row["items"], row["behaviors"], row["gaps"]) == ([10, 11], [4, 1], [0, 4])
+
+
+def test_windows_are_exact_to_the_microsecond() -> None:
+    # Ages just under a day count in the 1-day window, exactly a day does not: whole seconds
+    # would round 86,399.95 s onto the edge.
+    ages = [0, DAY - 50_000, DAY, 7 * DAY - 90_000]
+    rows = [{"user_idx": 0, "user_id": 5, "ts": AS_OF + 900_000 - age, "item": i, "behavior": 1, "category": 7}
+            for i, age in enumerate(ages)]
+    events = kernels.from_arrow(pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA))
+    (row,) = kernels.user_features(events, as_of=AS_OF + 900_000, windows_days=[1, 7], top_categories=1).to_pylist()
+    assert (row["pv_1d"], row["pv_7d"]) == (2, 4)

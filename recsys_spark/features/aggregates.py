@@ -21,7 +21,7 @@ from recsys_spark.constants import (
     ITEM_IDX,
 )
 
-_DAY = 86_400
+_DAY_MICROS = 86_400 * 1_000_000
 
 
 def window_counts(
@@ -33,12 +33,14 @@ def window_counts(
 ) -> dict[str, Column]:
     """Aggregates by name: ``<behavior>_<w>d`` counts events of each behaviour in the ``w`` days
     up to ``as_of``; ``<behavior>_total`` counts all of them."""
-    age = F.lit(as_of).cast("long") - F.col(col_ts).cast("long")
+    # Microseconds: whole seconds would move an event a fraction of a second inside a window
+    # onto its edge.
+    age = F.unix_micros(F.lit(as_of)) - F.unix_micros(F.col(col_ts))
     columns: dict[str, Column] = {}
     for behavior in BEHAVIORS:
         is_behavior = F.col(col_behavior) == behavior
         for days in windows_days:
-            columns[f"{behavior}_{days}d"] = F.count_if(is_behavior & (age < days * _DAY))
+            columns[f"{behavior}_{days}d"] = F.count_if(is_behavior & (age < days * _DAY_MICROS))
         columns[f"{behavior}_total"] = F.count_if(is_behavior)
     return columns
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from recsys_spark.constants import BEHAVIORS, SPLIT, TEST, TRAIN, USER_ID, USER_IDX, VALIDATION
 
-DAY_SECONDS = 86_400
+MICROS = 1_000_000
+DAY_MICROS = 86_400 * MICROS
 NO_CATEGORY = -1
 MIN_EVENTS_FOR_LOO = 3
 
@@ -44,7 +45,7 @@ class UserEvents:
     user_idx: np.ndarray  # (U,) int32
     user_id: np.ndarray  # (U,) int64
     offsets: np.ndarray  # (U+1,) int64
-    ts: np.ndarray  # (N,) int64 Unix seconds
+    ts: np.ndarray  # (N,) int64 Unix microseconds (windows and cut-offs need sub-second times)
     item: np.ndarray  # (N,) int32
     behavior: np.ndarray  # (N,) int8, codes of BEHAVIOR_CODES
     category: np.ndarray  # (N,) int64, NO_CATEGORY when unknown
@@ -178,7 +179,7 @@ def user_features(
     for code, behavior in enumerate(BEHAVIORS, start=1):
         is_behavior = events.behavior == code
         for days in windows_days:
-            hit = is_behavior & (age < days * DAY_SECONDS)
+            hit = is_behavior & (age < days * DAY_MICROS)
             columns.append(pa.array(np.bincount(owner[hit], minlength=n)))
         totals[behavior] = np.bincount(owner[is_behavior], minlength=n)
         columns.append(pa.array(totals[behavior]))
@@ -192,7 +193,7 @@ def user_features(
         *columns,
         pa.array(events.lengths),
         _timestamps(last),
-        pa.array(as_of - last),
+        pa.array((as_of - last) // MICROS),
         pa.array(distinct),
         pa.array(rate, mask=views == 0),
         top,
@@ -412,7 +413,7 @@ def _windows(
     ts = events.ts[index]
     gaps = np.zeros(len(index), dtype=np.int32)
     if len(index):
-        gaps[1:] = np.diff(ts)
+        gaps[1:] = np.diff(ts) // MICROS
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         gaps[first[lengths > 0]] = 0
     last = events.ts[np.maximum(ends - 1, 0)] if len(events.ts) else np.zeros(len(ends), np.int64)
@@ -452,6 +453,5 @@ def _lists(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type))
 
 
-def _timestamps(seconds: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
-    micros = np.asarray(seconds, dtype=np.int64) * 1_000_000
-    return pa.array(micros, pa.timestamp("us", tz="UTC"), mask=mask)
+def _timestamps(micros: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
+    return pa.array(np.asarray(micros, dtype=np.int64), pa.timestamp("us", tz="UTC"), mask=mask)

@@ -128,7 +128,7 @@ def temporal_cutoffs(
     validation_start = (
         settings.split.validation_start or test_start - span * settings.split.validation_fraction
     )
-    # Whole seconds: the kernels compare event times in seconds.
+    # Whole seconds: readable cut-offs in reports and commits (the kernels compare microseconds).
     validation_start = validation_start.replace(microsecond=0)
     test_start = test_start.replace(microsecond=0)
     if not first_event < validation_start < test_start <= as_of:

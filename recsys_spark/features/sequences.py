@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import pyarrow as pa
@@ -49,6 +49,7 @@ from recsys_spark.features import kernels
 # Event rows per kernel call: large enough that NumPy's per-call overhead vanishes, small
 # enough to keep a Python worker's memory flat.
 _ROWS_PER_KERNEL_CALL = 1 << 18
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Kernel = Callable[[kernels.UserEvents], "pa.RecordBatch | pa.Table"]
 
 
@@ -70,7 +71,7 @@ def cluster_user_events(events: DataFrame) -> DataFrame:
     rows = events.select(
         F.col(USER_IDX).cast("int").alias(USER_IDX),
         F.col(USER_ID).cast("long").alias(USER_ID),
-        F.unix_seconds(EVENT_TS).alias("ts"),
+        F.unix_micros(EVENT_TS).alias("ts"),
         F.col(ITEM_IDX).cast("int").alias("item"),
         behavior_code().alias("behavior"),
         F.coalesce(F.col(CATEGORY_ID), F.lit(kernels.NO_CATEGORY)).cast("long").alias("category"),
@@ -104,7 +105,7 @@ def user_features_table(*, as_of: datetime, windows_days: Sequence[int], top_cat
     """
     kernel = partial(
         kernels.user_features,
-        as_of=int(as_of.timestamp()),
+        as_of=_micros(as_of),
         windows_days=list(windows_days),
         top_categories=top_categories,
     )
@@ -134,12 +135,17 @@ def temporal_table(
     """``gold/training_examples`` by the temporal protocol (module docstring)."""
     kernel = partial(
         kernels.temporal,
-        validation_start=int(validation_start.timestamp()),
-        test_start=int(test_start.timestamp()),
+        validation_start=_micros(validation_start),
+        test_start=_micros(test_start),
         max_length=max_length,
         collapse=collapse_repeats,  # histories only: targets keep every window event
     )
     return UserTable(GOLD_TRAINING_EXAMPLES, kernels.EXAMPLES_SCHEMA, kernel, collapse=False)
+
+
+def _micros(moment: datetime) -> int:
+    """Unix microseconds, exactly (``timestamp()`` is a float)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 def derive_user_tables(clustered: DataFrame, tables: Sequence[UserTable]) -> DataFrame:
