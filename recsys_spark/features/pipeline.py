@@ -174,7 +174,9 @@ def build_features(
     if as_of < first_event:
         raise InputDataError(f"as_of {as_of} is before the first event ({first_event})")
     events = events.filter(F.col(EVENT_TS) <= F.lit(as_of))
-    if cfg.as_of is not None:  # items first seen after as_of are not part of its catalogue
+    # The catalogue ends at the largest item index seen by as_of; a smaller index first seen
+    # later (indices follow ids within an ingest run) stays an unused slot, never a target.
+    if cfg.as_of is not None:
         num_items = int(events.agg(F.max(ITEM_IDX)).first()[0] or -1) + 1
     formats = ingested_formats(lake, version)
     protocol = resolve_protocol(cfg, formats)

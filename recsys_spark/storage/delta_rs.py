@@ -221,13 +221,14 @@ class DeltaRsEngine(TableEngine):
         try:
             if source.num_rows:
                 write_deltalake(existing, source, mode="append", commit_properties=properties)
+                version = existing.version()  # this commit's, even if another writer follows
             else:  # still commit, so the transaction (app id, batch) is recorded
                 existing.create_write_transaction([], mode="append", schema=existing.schema(),
                                                   partition_by=list(current) or None,
                                                   commit_properties=properties)
+                version = DeltaTable(path).version()
         except (DeltaCommitFailed, DeltaError, OSError) as exc:
             raise CommitFailedError(f"appending to {path} failed, nothing was committed: {exc}") from exc
-        version = existing.version()  # this commit's, even when another writer commits next
         log_event(log, "delta.write", table=path, mode="append", version=version, rows=source.num_rows,
                   files=None, via="arrow")
         return CommitResult(version=version, rows_written=source.num_rows)
