@@ -309,6 +309,21 @@ def test_folder_is_read_with_its_subfolders(
     assert (again["status"], again["rows_duplicate"]) == ("skipped", 3)
 
 
+def test_many_files_are_read_together_and_keep_their_names(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # More files than _FILES_READ_ONE_BY_ONE go through one Spark read; every row must still
+    # name its own file, spelled as given, whatever characters the name holds.
+    drop = tmp_path / "drop"
+    names = [f"h{i:02d}.csv" for i in range(20)] + ["a b.csv", "c[1].csv", "ü.csv", "d:e.csv", "50%.csv", "#x.csv"]
+    for i, name in enumerate(names):
+        (drop / f"day={i % 3}").mkdir(parents=True, exist_ok=True)
+        (drop / f"day={i % 3}" / name).write_text(f"{i},{i},1,pv,{1511539200 + i}\n{i},{i},1,buy,{1511539300 + i}\n")
+    report = ingest(capsys, Path(settings.root), "taobao", drop)
+    assert (report["rows_in"], report["rows_clean"]) == (2 * len(names), 2 * len(names))
+    assert all(f["rows_in"] == 2 for f in report["files"])
+    got = {(r.user_id, r.source_file) for r in lake.read(SILVER_EVENTS).collect()}
+    assert got == {(i, str(drop / f"day={i % 3}" / name)) for i, name in enumerate(names)}
+
+
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))
