@@ -275,3 +275,16 @@ def test_rebuild_ignores_how_later_ingests_would_split(spark, lake: Lakehouse, s
                     "--as-of", first["as_of"])
     assert (first["protocol"], rebuilt["protocol"]) == ("leave-one-out", "leave-one-out")
     assert sorted(map(str, lake.read(GOLD_TRAINING_EXAMPLES).collect())) == original
+
+
+@pytest.mark.integration
+def test_as_of_past_the_data_warns_of_empty_windows(spark, settings, capsys, tmp_path) -> None:
+    log = tmp_path / "events.csv"
+    log.write_text("".join(f"{u},{i},1,pv,{1511539200 + 3600 * (u + i)}\n" for u in range(1, 9) for i in range(1, 9)))
+    code, _, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(log),
+                           "--root", settings.root, "--set", "logging.level=WARNING")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "features", "--root", settings.root, "--as-of", "2030-01-01T00:00:00",
+                           "--set", "logging.level=WARNING")
+    assert code == 0, err
+    assert "features.empty_windows" in err

@@ -209,6 +209,8 @@ def test_delete_history_and_time_travel(spark, lake: Lakehouse) -> None:
     assert lake.read("silver/t", version=0).count() == 20
     assert lake.read("silver/t", version=1).count() == 40
     assert lake.read("silver/t", timestamp=between).count() == 20
+    with pytest.raises(TableNotFoundError, match="did not exist at"):
+        lake.read("silver/t", timestamp=datetime(2000, 1, 1, tzinfo=UTC))
     operations = [c["operation"] for c in lake.history("silver/t")]
     assert operations[:2] == ["DELETE", "WRITE"] and operations[-1] == "CREATE TABLE"
 

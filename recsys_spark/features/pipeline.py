@@ -9,6 +9,7 @@ of ``silver/events``; both are recorded — in every gold table's commit metadat
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -184,6 +185,12 @@ def build_features(
     validation_start = test_start = None
     if protocol == "temporal":
         validation_start, test_start = temporal_cutoffs(cfg, first_event, as_of)
+        last_event = _from_micros(bounds["last"])
+        if last_event < test_start:  # an as-of past the data leaves the end windows empty
+            log_event(log, "features.empty_windows", logging.WARNING, last_event=last_event.isoformat(),
+                      validation_start=validation_start.isoformat(), test_start=test_start.isoformat(),
+                      hint="no events in the test window (and none in validation if last_event "
+                      "< validation_start); move features.as_of or the cut-offs")
 
     report = FeatureReport(
         run_id=f"features-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",

@@ -111,6 +111,12 @@ class DeltaRsEngine(TableEngine):
     ) -> DataFrame:
         table = self._open(path, version=version)
         if timestamp is not None:
+            created = min(int(c["timestamp"]) for c in table.history() if "timestamp" in c)
+            if timestamp.timestamp() * 1000 < created:  # delta-rs would give version 0 instead
+                raise TableNotFoundError(
+                    f"table {path} did not exist at {timestamp.isoformat()} (first commit "
+                    f"{datetime.fromtimestamp(created / 1000, UTC).isoformat()})"
+                )
             table.load_as_version(timestamp)
         features = set(table.protocol().reader_features or [])
         unsafe = features.intersection(FILE_LEVEL_UNSAFE_FEATURES)
