@@ -147,6 +147,22 @@ def test_score_batch_writes_every_user_once_without_bought_items(served, capsys)
     assert _table(root, "serving/item_embeddings").num_rows == 150 or result["item_embeddings_version"] >= 0
 
 
+def test_score_batch_leaves_out_items_newer_than_the_champion(served, tmp_path, capsys) -> None:
+    # New items ingested after training (a challenger that lost keeps the old champion).
+    root = str(tmp_path / "lake")
+    shutil.copytree(served["pristine"], root)
+    users = _table(root, "gold/user_sequences").column("user_id").to_pylist()[:5]
+    last = max(e.timestamp() for e in _table(root, "silver/events").column("event_ts").to_pylist())
+    new = tmp_path / "new.csv"
+    new.write_text("".join(f"{u},{900_000 + k},1,pv,{int(last) + 60 * k}\n" for k, u in enumerate(users)))
+    for argv in (("ingest", "--format", "taobao", "--input", str(new)), ("features",), ("score-batch",)):
+        code, _, err = run_cli(capsys, *argv, "--root", root, *QUIET)
+        assert code == 0, err[-2000:]
+    recs = _table(root, "serving/recommendations").to_pylist()
+    assert {u for u in users} <= {r["user_id"] for r in recs}
+    assert not any(i >= 900_000 for r in recs for i in r["item_ids"])
+
+
 def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     hidden = folder / f".{name}"
     hidden.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))

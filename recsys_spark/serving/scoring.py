@@ -117,6 +117,10 @@ class RuleScorer:
         """Histories and purchases as item indices (oldest first) -> raw ids, scores, diversity."""
         model = self.champion.model
         length = model.spec.max_length
+        # Items indexed after the champion was trained (the dictionary only grows) are unknown
+        # to it: left out of its input, as the nearline path does.
+        histories = [h[h < model.num_items] for h in histories]
+        bought = [b[b < model.num_items] for b in bought]
         inputs = pad_left(pa.array([h.astype(np.int64) for h in histories], pa.list_(pa.int64())), length,
                           shift=1)
         tensor = torch.from_numpy(inputs)
