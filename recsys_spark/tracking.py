@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -192,7 +193,9 @@ def record_gate(
     name = settings.mlflow.registered_model
     metric = settings.evaluation.gate_metric
     client.set_registered_model_alias(name, CHALLENGER, version)
-    if champion is None:
+    if not math.isfinite(challenger_value):  # a diverged model must never become champion
+        promoted, reason = False, f"{metric} {challenger_value} is not a finite number"
+    elif champion is None:
         promoted, reason = True, "no champion yet"
     elif champion_value is None:
         promoted, reason = True, "champion could not be evaluated"

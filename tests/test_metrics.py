@@ -37,6 +37,19 @@ def test_seen_items_are_masked() -> None:
     assert batch_sums(scores, torch.tensor([[0]]), torch.tensor([[0, -1]]), ks=(4,)).sums["hit@4"] == 0
 
 
+def test_masked_target_is_no_hit_even_when_k_exceeds_the_catalogue() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7]])
+    m = batch_sums(scores, torch.tensor([[0]]), torch.tensor([[0]]), ks=(4, 5, 10)).sums
+    assert m["hit@5"] == m["hit@10"] == m["ndcg@10"] == m["mrr"] == 0
+
+
+def test_nan_scores_are_the_worst_not_a_perfect_hit() -> None:
+    # A diverged model (NaN everywhere) must score 0, or it would win every champion gate.
+    m = batch_sums(torch.full((2, 5), float("nan")), torch.tensor([[1], [3]]), ks=(1, 10)).sums
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["hit@1"] == m["hit@10"] == m["ndcg@10"] == m["mrr"] == 0
+
+
 def test_multiple_targets_recall_ndcg_by_hand() -> None:
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
     targets = torch.tensor([[1, 4, -1]])  # ranks 1 and 4 (0-based)

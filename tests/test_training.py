@@ -210,6 +210,14 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     assert code == 0, err
     assert result["ndcg@10"] == pytest.approx(worse["ndcg@10"], abs=1e-9)  # Spark eval == training eval
 
+    # a diverged challenger (a non-finite metric) is never promoted, whatever the champion has
+    from recsys_spark.tracking import record_gate
+
+    settings = make_settings(Path(gold_root), *store(tmp_path)[1::2])
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert not record_gate(client, settings, "1", float("inf"), champion, 0.1, "test")
+    assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
+
 
 def _some_item_ids(root: str) -> list[int]:
     from deltalake import DeltaTable

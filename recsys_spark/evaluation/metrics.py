@@ -114,7 +114,9 @@ def batch_sums(
 ) -> MetricSums:
     """Metric sums of one batch. scores (B, I) over item indices 0..I-1; targets (B, T) and
     seen (B, S) item indices padded with -1. Rows without targets are skipped."""
-    scores = scores.detach().float()
+    # A diverged model scores NaN, and NaN compares false with everything: its targets would
+    # rank -1, hits with infinite gain. NaN is the worst score instead.
+    scores = torch.nan_to_num(scores.detach().float(), nan=float("-inf"))
     if seen is not None and seen.numel():
         scores = mask_seen(scores, seen)
     has_targets = (targets >= 0).any(1)
@@ -128,8 +130,10 @@ def batch_sums(
     gains = 1.0 / torch.log2(ranks.float() + 2.0)
     # One sorted top-K for the largest K; each smaller K is its prefix.
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
+    catalogue = scores.shape[1]
     for k in ks:
-        hits = (ranks < k) & valid
+        # rank I is a masked or padded target: never a hit, even when K exceeds the catalogue
+        hits = (ranks < min(k, catalogue)) & valid
         ideal = (1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2.0)).cumsum(0)
         idcg = ideal[(n_targets.clamp(max=k) - 1).long()]
         sums.sums[f"hit@{k}"] = float(hits.any(1).float().sum())
@@ -137,6 +141,7 @@ def batch_sums(
         sums.sums[f"ndcg@{k}"] = float(((gains * hits).sum(1) / idcg).sum())
         values, indices = top.values[:, :k], top.indices[:, :k]
         sums.recommended[k][indices[torch.isfinite(values)].cpu().numpy()] = True
-    sums.sums["mrr"] = float((1.0 / (ranks.min(1).values.float() + 1.0)).sum())
+    best = ranks.min(1).values.float()
+    sums.sums["mrr"] = float(torch.where(best < catalogue, 1.0 / (best + 1.0), 0.0).sum())
     sums.rows = float(len(targets))
     return sums
