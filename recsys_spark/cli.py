@@ -357,13 +357,25 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.tracking import alias_version, connect, model_uri, tracking_uri
     from recsys_spark.training.runner import load_training_data
 
+    from mlflow.exceptions import MlflowException
+
     client = connect(settings)
-    if args.version is None and alias_version(client, settings.mlflow.registered_model, args.alias) is None:
-        raise RecsysError(f"registered model {settings.mlflow.registered_model!r} has no alias {args.alias!r}; "
-                          "train a model first")
+    name = settings.mlflow.registered_model
+    if args.version is None:
+        held = alias_version(client, name, args.alias)
+        if held is None:
+            raise RecsysError(f"registered model {name!r} has no alias {args.alias!r}; train a model first")
+        version = str(held.version)
+    else:
+        try:
+            version = str(client.get_model_version(name, args.version).version)
+        except MlflowException as exc:
+            raise RecsysError(f"registered model {name!r} has no version {args.version!r}") from exc
     _, lake = _session(settings)
     data = load_training_data(lake, settings)
-    uri = model_uri(settings, alias=args.alias, version=args.version)
+    # The version, not the alias: Spark's Python workers cache models by URI, and an alias
+    # may have moved since a worker loaded it.
+    uri = model_uri(settings, version=version)
     rows = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == args.split)
     metrics = evaluate_in_spark(rows, model_uri=uri, tracking_uri=tracking_uri(settings),
                                 num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen)

@@ -81,6 +81,10 @@ def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
     assert [line.split(",")[0] for line in lines] == ["2", "not", "3", "1"]  # time order; bad line kept
     assert all(int(line.split(",")[4]) >= 1000 for line in lines if line[0].isdigit())
     assert not list((tmp_path / "landing").glob(".*"))  # nothing half-written left behind
+    # a second replay started in the same second (same clock) must not overwrite the first's files
+    clock = iter(np.arange(1000.0, 2000.0, 0.25))
+    replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)), sleep=lambda s: None)
+    assert len(list((tmp_path / "landing").glob("events-*.csv"))) == 8
 
 
 def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) -> None:
@@ -221,6 +225,21 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         assert rows[(u1, "batch")]["item_ids"] == before[u1]["item_ids"]
     lookup = RecommendationLookup(root)
     assert lookup.get(u2).source == "nearline"
+    # A query on a fresh checkpoint counts micro-batches from 0 again; its lists still replace
+    # the older ones (u2's row came from batch 1 of the query above).
+    fresh = make_settings(Path(root), f"serving.stream.landing={tmp_path / 'landing2'}",
+                          f"serving.stream.checkpoint={tmp_path / 'checkpoint2'}")
+    (tmp_path / "landing2").mkdir()
+    _land(tmp_path / "landing2", [json.dumps({"user_id": u2, "item_id": 11, "behavior_type": "pv",
+                                              "ts": now + 2000})], "c.jsonl")
+    query = start_stream(spark, open_lakehouse(spark, fresh), fresh)
+    try:
+        query.processAllAvailable()
+    finally:
+        query.stop()
+    after = {(r["user_id"], r["source"]): r for r in _table(root, "serving/recommendations").to_pylist()}
+    assert after[(u2, "nearline")]["stream_batch_id"] == 0
+    assert after[(u2, "nearline")]["generated_at"] > rows[(u2, "nearline")]["generated_at"]
     unknown = lookup.get(10**9)
     assert unknown.cold_start and unknown.source == "cold_start" and unknown.item_ids
 

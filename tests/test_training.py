@@ -210,6 +210,9 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     assert code == 0, err
     assert result["ndcg@10"] == pytest.approx(worse["ndcg@10"], abs=1e-9)  # Spark eval == training eval
 
+    code, _, err = run_cli(capsys, "evaluate", "--version", "99", "--root", gold_root, *store(tmp_path))
+    assert code == 1 and "error: registered model" in err and "no version '99'" in err
+
     # a diverged challenger (a non-finite metric) is never promoted, whatever the champion has
     from recsys_spark.tracking import record_gate
 

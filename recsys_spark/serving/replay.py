@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ def replay(
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "csv" if fmt == "taobao" else "jsonl"
     started = clock()
+    run = uuid.uuid4().hex[:8]
     files = 0
     for offset, batch in _ticks(events, rate, speedup):
         wait = started + offset - clock()
@@ -132,7 +134,7 @@ def replay(
         now = clock()
         lines = [line if keep_time or _event_time(line, fmt) is None else _retimed(line, fmt, now)
                  for _, _, line in batch]
-        name = f"events-{int(started)}-{files:07d}.{suffix}"
+        name = f"events-{int(started)}-{run}-{files:07d}.{suffix}"  # run: replays started together
         hidden = folder / f".{name}.tmp"
         hidden.write_text("\n".join(lines) + "\n")
         os.replace(hidden, folder / name)  # atomic: the stream never sees half a file

@@ -318,8 +318,10 @@ class NearlineSink:
             for u, i, it, sc, d, h in zip(touched, user_idx, items, scores, diversity, merged, strict=True)
         ], schema=_recommendation_schema())
         self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
-                         partition_by=("source",), update_condition="s.stream_batch_id >= t.stream_batch_id "
-                         "OR t.stream_batch_id IS NULL", idempotency=self._once(batch_id))
+                         partition_by=("source",),
+                         # Newer by wall clock, not by batch id: a new checkpoint restarts ids at 0.
+                         update_condition="s.generated_at >= t.generated_at OR t.generated_at IS NULL",
+                         idempotency=self._once(batch_id))
         laps("merge_recommendations")
         return len(touched)
 
