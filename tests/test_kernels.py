@@ -91,6 +91,7 @@ def test_sequences_match_reference(seed: int, collapse: bool) -> None:
     got = kernels.user_sequences(events, max_length=4).to_pylist()
     for row, history in zip(got, reference_histories(batch, collapse).values(), strict=True):
         recent = history[-4:]
+        assert row["bought_items"] == list(dict.fromkeys(e["item"] for e in history if e["behavior"] == 4))
         assert row["items"] == [e["item"] for e in recent]
         assert row["behaviors"] == [e["behavior"] for e in recent]
         assert row["gaps"] == gaps(recent)

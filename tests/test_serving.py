@@ -200,6 +200,11 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         assert {r["model_version"] for r in nearline} == {"1"}
         state = {r["user_id"]: r for r in _table(root, "serving/user_state").to_pylist()}
         assert set(state) == {u1, u2} and state[u1]["item_ids"][-2:] == [5, 7]
+        # every earlier purchase counts as bought, not only those inside the gold sequence window
+        silver = _table(root, "silver/events").to_pylist()
+        for user in (u1, u2):
+            buys = {e["item_id"] for e in silver if e["user_id"] == user and e["behavior_type"] == "buy"}
+            assert buys <= set(state[user]["bought"])
         reasons = sorted(r["reason"] for r in _table(root, "quarantine/events").to_pylist()
                          if r["ingest_run_id"].startswith("recsys-nearline-"))
         assert reasons == ["invalid_encoding", "invalid_id", "malformed_json"]

@@ -241,6 +241,7 @@ USER_SEQUENCES_SCHEMA = pa.schema(
         pa.field("gaps", pa.list_(pa.int32())),
         pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
         pa.field("length", pa.int32()),
+        pa.field("bought_items", pa.list_(pa.int32())),
     ]
 )
 
@@ -259,10 +260,13 @@ EXAMPLES_SCHEMA = pa.schema(
 
 def user_sequences(events: UserEvents, *, max_length: int) -> pa.RecordBatch:
     """Each user's most recent ``max_length`` events: items, behaviour codes, gaps in seconds
-    (0 for the first kept event) and the time of the last one."""
+    (0 for the first kept event) and the time of the last one; and every item the user bought
+    (not only in that window: a user's first nearline list must not offer them again)."""
     ends = events.offsets[1:]
     starts = np.maximum(events.offsets[:-1], ends - max_length)
     items, behaviors, gaps, end_ts = _windows(events, starts, ends)
+    buys = _subset(events, events.behavior == BEHAVIORS.index("buy") + 1)
+    bought_lengths, bought = _distinct(buys, buys.offsets[:-1], buys.offsets[1:])
     return pa.RecordBatch.from_arrays(
         [
             pa.array(events.user_idx, pa.int32()),
@@ -272,6 +276,7 @@ def user_sequences(events: UserEvents, *, max_length: int) -> pa.RecordBatch:
             gaps,
             end_ts,
             pa.array((ends - starts).astype(np.int32)),
+            _lists(bought_lengths, bought, pa.int32()),
         ],
         schema=USER_SEQUENCES_SCHEMA,
     )

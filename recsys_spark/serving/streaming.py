@@ -351,6 +351,8 @@ class NearlineSink:
         last = row["last_event_ts"]
         times = [datetime.fromtimestamp(last.timestamp() - float(s), UTC) for s in after]
         bought = {item for item, behavior in zip(items, behaviors, strict=True) if behavior == "buy"}
+        if row.get("bought_items") is not None:  # every purchase, not only the window's
+            bought |= set(self.items.raw_by_index[np.asarray(row["bought_items"], dtype=np.int64)].tolist())
         return UserHistory(items, behaviors, times, bought)
 
 
