@@ -441,9 +441,11 @@ def _replay(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _recommend(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.serving.lookup import RecommendationLookup
+    from recsys_spark.serving.rules import BusinessRules
 
     result = RecommendationLookup(settings.root, refresh_seconds=settings.serving.lookup_refresh_seconds,
-                                  cold_start_k=settings.serving.k).get(args.user, args.k)
+                                  cold_start_k=settings.serving.k,
+                                  rules=BusinessRules.from_settings(settings.serving)).get(args.user, args.k)
     origin = "cold start (popular items)" if result.cold_start else (
         f"{result.source}, model v{result.model_version}, {result.generated_at:%Y-%m-%d %H:%M:%S}")
     _say(args, f"user {result.user_id}: {origin}")

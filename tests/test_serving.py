@@ -110,6 +110,12 @@ def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) 
         5, "generated_at", pa.array([now + timedelta(minutes=1)], pa.timestamp("us", tz="UTC")))
     write_deltalake(f"{root}/serving/recommendations", newer, mode="append")
     assert lookup.get(2).item_ids == [31, 32]  # the cache follows the table's version
+    # the cold-start list obeys the category rules too
+    write_deltalake(f"{root}/gold/item_features", pa.table({
+        "item_id": pa.array([7, 8, 9], pa.int64()), "category_id": pa.array([1, 2, 1], pa.int64()),
+        "pv_7d": [1, 30, 5], "buy_7d": [0, 0, 9]}), mode="overwrite", schema_mode="overwrite")
+    ruled = RecommendationLookup(root, rules=BusinessRules(k=2, category_deny=(2,)))
+    assert ruled.get(999, k=2).item_ids == [9, 7]
 
 
 # --- against a trained champion ------------------------------------------------------------------

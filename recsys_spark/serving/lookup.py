@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from recsys_spark.constants import GOLD_ITEM_FEATURES, ITEM_ID, SERVING_RECOMMENDATIONS, USER_ID
+from recsys_spark.constants import CATEGORY_ID, GOLD_ITEM_FEATURES, ITEM_ID, SERVING_RECOMMENDATIONS, USER_ID
+from recsys_spark.serving.rules import BusinessRules, Catalogue
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,16 @@ def _version(path: str) -> int:
         return -1
 
 
-def popular_items(root: str, k: int) -> list[int]:
-    """Cold-start list: items by interactions over the shortest window of gold/item_features."""
+def popular_items(root: str, k: int, rules: BusinessRules | None = None) -> list[int]:
+    """Cold-start list: items by interactions over the shortest window of gold/item_features
+    of at least 7 days, within the ``rules``' allowed categories."""
     path = _table_path(root, GOLD_ITEM_FEATURES)
     if _version(path) < 0:
         return []
     table = DeltaTable(path).to_pyarrow_table()
+    if rules is not None and CATEGORY_ID in table.column_names:
+        categories = table.column(CATEGORY_ID).fill_null(-1).to_numpy()
+        table = table.filter(pa.array(Catalogue(categories).allowed(rules)))
     windows = sorted({name.rsplit("_", 1)[1] for name in table.column_names
                       if name.endswith("d") and name.startswith(("pv_", "buy_"))}, key=lambda w: int(w[:-1]))
     window = next((w for w in windows if int(w[:-1]) >= 7), windows[-1] if windows else None)
@@ -84,9 +89,13 @@ class RecommendationLookup:
     """``lookup.get(user_id, k)``: the user's list, nearline over batch when newer, or the
     cold-start list flagged as such. Thread-safe; unknown users are not an error."""
 
-    def __init__(self, root: str, *, refresh_seconds: float = 1.0, cold_start_k: int = 50) -> None:
+    def __init__(
+        self, root: str, *, refresh_seconds: float = 1.0, cold_start_k: int = 50,
+        rules: BusinessRules | None = None,
+    ) -> None:
         self.path = _table_path(root, SERVING_RECOMMENDATIONS)
         self.root = root
+        self.rules = rules  # the cold-start list obeys the same category rules as scoring
         self.refresh_seconds = refresh_seconds
         self.cold_start_k = cold_start_k
         self._lock = threading.Lock()
@@ -98,7 +107,7 @@ class RecommendationLookup:
         return self._snapshot.version
 
     def _load(self, version: int) -> _Snapshot:
-        popular = popular_items(self.root, self.cold_start_k)
+        popular = popular_items(self.root, self.cold_start_k, self.rules)
         if version < 0:
             return _Snapshot(version, {}, pa.table({}), popular)
         table = DeltaTable(self.path, version=version).to_pyarrow_table(
