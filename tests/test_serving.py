@@ -71,7 +71,7 @@ def test_merge_history_is_idempotent_ordered_and_bounded() -> None:
 
 def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
-    log.write_text("1,10,5,pv,300\n2,11,5,buy,100\nnot,a,row\n3,12,6,pv,200\n")
+    log.write_text("1,10,5,pv,1511539500\n2,11,5,buy,1511539300\nnot,a,row\n3,12,6,pv,1511539400\n")
     clock = iter(np.arange(1000.0, 2000.0, 0.25))
     report = replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)),
                     sleep=lambda s: None)
@@ -85,6 +85,24 @@ def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
     clock = iter(np.arange(1000.0, 2000.0, 0.25))
     replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)), sleep=lambda s: None)
     assert len(list((tmp_path / "landing").glob("events-*.csv"))) == 8
+
+
+def test_replay_paces_by_plausible_times_and_leaves_rejectable_lines_alone(tmp_path: Path) -> None:
+    # A malformed first line, a far-future time and a repeated key must neither stall the pace
+    # (days of waiting) nor be retimed into valid events: the stream is to quarantine them.
+    t0 = 1511539200
+    good = [json.dumps({"user_id": 1, "item_id": i, "behavior_type": "pv", "ts": t0 + 10 * i}) for i in range(3)]
+    odd = ["{broken", json.dumps({"user_id": 2, "item_id": 9, "behavior_type": "pv", "ts": 4102444800}),
+           '{"user_id":3,"item_id":9,"behavior_type":"pv","ts":1511539205,"user_id":4}']
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join([odd[0], good[0], odd[1], good[1], odd[2], good[2]]) + "\n")
+    waited: list[float] = []
+    clock = iter(np.arange(1000.0, 9000.0, 0.25))
+    report = replay(log, "jsonl", tmp_path / "landing", speedup=10, clock=lambda: float(next(clock)),
+                    sleep=waited.append)
+    assert report.events == 6 and sum(waited) < 10  # 20 s of log at 10x
+    published = [line for f in (tmp_path / "landing").glob("events-*.jsonl") for line in f.read_text().splitlines()]
+    assert set(odd) <= set(published)  # byte for byte
 
 
 def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from recsys_spark.errors import InputDataError
@@ -37,15 +38,40 @@ class ReplayReport:
         return self.events / self.seconds if self.seconds else 0.0
 
 
+# Times outside these bounds are what ingest quarantines (timestamp_out_of_range).
+_EARLIEST = 946_684_800.0  # 2000-01-01
+_LATEST_AHEAD = 86_400.0  # a day after now
+
+
 def _event_time(line: str, fmt: str) -> float | None:
+    """The line's event time in Unix seconds, or None when the stream would reject the line's
+    time (unparseable, out of range, or a JSON object it calls malformed): such lines are
+    published unchanged and never drive the pace."""
     try:
         if fmt == "taobao":
-            return float(line.split(",")[4])
-        value = json.loads(line)["ts"]
-        seconds = float(value)
-        return seconds / 1000 if seconds > 1e11 else seconds
+            seconds = float(line.split(",")[4])
+        else:
+            value = json.loads(line, object_pairs_hook=_unique_keys)["ts"]
+            if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit():
+                moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+                seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+            elif isinstance(value, bool):
+                return None
+            else:
+                seconds = float(value)
+                seconds = seconds / 1000 if seconds > 1e11 else seconds
     except (IndexError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None
+    if not _EARLIEST <= seconds <= time.time() + _LATEST_AHEAD:
+        return None
+    return seconds
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("repeated key")
+    return dict(pairs)
 
 
 def _retimed(line: str, fmt: str, now: float) -> str:
@@ -65,8 +91,10 @@ def read_events(path: Path, fmt: str, limit: int | None = None) -> list[tuple[fl
         raise InputDataError(f"replay supports taobao and jsonl, not {fmt!r}")
     if not path.is_file():
         raise InputDataError(f"replay input {path} does not exist")
-    events, last = [], 0.0
-    with path.open() as handle:
+    events: list[tuple[float, int, str]] = []
+    last: float | None = None
+    leading: list[tuple[int, str]] = []  # bad lines before the first good time
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for position, line in enumerate(handle):
             if limit is not None and position >= limit:
                 break
@@ -75,9 +103,14 @@ def read_events(path: Path, fmt: str, limit: int | None = None) -> list[tuple[fl
                 continue
             when = _event_time(line, fmt)
             last = when if when is not None else last
-            events.append((last, position, line))
-    if not events:
+            if last is None:
+                leading.append((position, line))
+            else:
+                events.append((last, position, line))
+    if not events and not leading:
         raise InputDataError(f"replay input {path} holds no lines")
+    first = events[0][0] if events else 0.0
+    events = [(first, position, line) for position, line in leading] + events
     events.sort(key=lambda e: (e[0], e[1]))
     return events
 
@@ -136,7 +169,7 @@ def replay(
                  for _, _, line in batch]
         name = f"events-{int(started)}-{run}-{files:07d}.{suffix}"  # run: replays started together
         hidden = folder / f".{name}.tmp"
-        hidden.write_text("\n".join(lines) + "\n")
+        hidden.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
         os.replace(hidden, folder / name)  # atomic: the stream never sees half a file
         files += 1
     return ReplayReport(len(events), files, max(clock() - started, 1e-9), str(folder))
