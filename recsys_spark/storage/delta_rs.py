@@ -446,11 +446,12 @@ def _partition_values(relative: Path) -> dict[str, str | None]:
 def _file_stats(metadata: pq.FileMetaData) -> str:
     """Delta file statistics from the Parquet footer: row count, nulls, min/max where sound.
 
-    delta-rs skips a file whose column has a null count but no min/max as if nothing in it
-    could match, so every plain column gets bounds that enclose its values: strings cut to
+    delta-rs skips a file whose column has no min/max as if nothing in it could match a filter
+    on that column, so every plain column gets bounds that enclose its values: strings cut to
     32 characters (as delta-spark does; the max then rounded up), decimals as the JSON numbers
     that spell them exactly, timestamps rounded outward to milliseconds, the precision Delta
-    stores. Columns without sound bounds (NaN, long decimals, binary, nested) get no stats.
+    stores. Columns without sound bounds (NaN, long decimals, binary, nested) get null counts
+    only.
     """
     stats: dict[str, Any] = {"numRecords": metadata.num_rows}
     mins: dict[str, Any] = {}
@@ -465,15 +466,13 @@ def _file_stats(metadata: pq.FileMetaData) -> str:
         values = [metadata.row_group(rg).column(col).statistics for rg in range(metadata.num_row_groups)]
         if not values or any(v is None for v in values):
             continue
+        nulls[column.path] = sum(v.null_count for v in values)
         bounds = [(v.min, v.max) for v in values if v.has_min_max]
         if len(bounds) != len(values) or not bounds:
-            if all(v.null_count == v.num_values for v in values):
-                nulls[column.path] = sum(v.null_count for v in values)  # all null: no bounds
             continue
         rendered = _render_bounds(min(b[0] for b in bounds), max(b[1] for b in bounds))
         if rendered is not None:
             mins[column.path], maxs[column.path] = rendered
-            nulls[column.path] = sum(v.null_count for v in values)
     stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
     return json.dumps(stats)
 
@@ -521,11 +520,11 @@ def _check_within_filters(actions: list[AddAction], filters: Sequence[PartitionF
 def _delta_rs_filters(filters: Sequence[PartitionFilter] | None) -> list[tuple[str, str, Any]] | None:
     if not filters:
         return None
-    return [
-        (column, op, texts if op == "in" else texts[0])
-        for column, op, value in filters
-        for texts in [_partition_texts(op, value)]
-    ]
+    rendered = []
+    for column, op, value in filters:
+        texts = _partition_texts(op, value)
+        rendered.append((column, op, texts if op == "in" else texts[0]))
+    return rendered
 
 
 def _partition_texts(op: str, value: Any) -> list[str]:
