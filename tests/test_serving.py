@@ -20,11 +20,12 @@ import pytest
 import torch
 from deltalake import DeltaTable, write_deltalake
 
+from recsys_spark.errors import InputDataError
 from recsys_spark.generate import GeneratorConfig, write_log
-from recsys_spark.serving.lookup import RecommendationLookup
+from recsys_spark.serving.lookup import RecommendationLookup, popular_items
 from recsys_spark.serving.replay import replay
 from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
-from recsys_spark.serving.streaming import UserHistory, merge_history
+from recsys_spark.serving.streaming import STATE_SCHEMA, UserHistory, merge_history
 from tests.conftest import build_gold_lakehouse, make_settings, run_cli
 
 QUIET = ["--set", "logging.level=WARNING"]
@@ -87,6 +88,15 @@ def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
     assert len(list((tmp_path / "landing").glob("events-*.csv"))) == 8
 
 
+@pytest.mark.parametrize("pace", [{"rate": 1e-300}, {"speedup": 1e-9}])
+def test_replay_refuses_a_pace_that_would_take_years(tmp_path: Path, pace: dict) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("1,10,5,pv,1511539500\n2,11,5,buy,1511539300\n")
+    with pytest.raises(InputDataError, match="raise --rate or --speedup"):
+        replay(log, "taobao", tmp_path / "landing", **pace, sleep=lambda s: pytest.fail("slept"))
+    assert not (tmp_path / "landing").exists()
+
+
 def test_replay_paces_by_plausible_times_and_leaves_rejectable_lines_alone(tmp_path: Path) -> None:
     # A malformed first line, a far-future time and a repeated key must neither stall the pace
     # (days of waiting) nor be retimed into valid events: the stream is to quarantine them.
@@ -108,24 +118,33 @@ def test_replay_paces_by_plausible_times_and_leaves_rejectable_lines_alone(tmp_p
 def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) -> None:
     root = str(tmp_path)
     now = datetime.now(UTC)
+    ts = pa.timestamp("us", tz="UTC")
     rows = pa.table({
-        "user_id": pa.array([1, 1, 2], pa.int64()),
-        "item_ids": [[10, 11], [20, 21], [30]],
-        "scores": pa.array([[1.0, 0.5], [2.0, 1.5], [3.0]], pa.list_(pa.float32())),
-        "source": ["batch", "nearline", "batch"],
-        "model_version": ["1", "1", "1"],
-        "generated_at": pa.array([now - timedelta(minutes=5), now, now], pa.timestamp("us", tz="UTC")),
+        "user_id": pa.array([1, 1, 2, 3, 3, 4], pa.int64()),
+        "item_ids": [[10, 11], [20, 21], [30], [40], [41], [50]],
+        "scores": pa.array([[1.0, 0.5], [2.0, 1.5], [3.0], [1.0], [1.0], [9.0]], pa.list_(pa.float32())),
+        "source": ["batch", "nearline", "batch", "nearline", "batch", "batch"],
+        "model_name": ["sasrec"] * 5 + ["popularity"],
+        "model_version": ["1"] * 6,
+        "generated_at": pa.array([now - timedelta(minutes=5), now, now, now - timedelta(minutes=5), now, now], ts),
+        # user 3: the stream saw a newer event than tonight's batch run over yesterday's gold
+        "last_event_ts": pa.array([now - timedelta(hours=1)] * 3 + [now - timedelta(minutes=6),
+                                                                   now - timedelta(hours=1), now], ts),
     })
     write_deltalake(f"{root}/serving/recommendations", rows)
     write_deltalake(f"{root}/gold/item_features", pa.table({
         "item_id": pa.array([7, 8, 9], pa.int64()), "pv_7d": [1, 30, 5], "buy_7d": [0, 0, 9]}))
     lookup = RecommendationLookup(root, refresh_seconds=0.0)
     assert lookup.get(1, k=1).item_ids == [20] and lookup.get(1).source == "nearline"
-    assert lookup.get(2).item_ids == [30]
+    assert lookup.get(2).item_ids == [30] and not lookup.get(2).cold_start
+    assert lookup.get(3).item_ids == [40] and lookup.get(3).source == "nearline"
+    assert lookup.get(4).cold_start and lookup.get(4).source == "batch"  # ranked by popularity
     cold = lookup.get(999, k=2)
     assert cold.cold_start and cold.source == "cold_start" and cold.item_ids == [8, 9]
-    newer = rows.slice(2, 1).set_column(1, "item_ids", pa.array([[31, 32]])).set_column(
-        5, "generated_at", pa.array([now + timedelta(minutes=1)], pa.timestamp("us", tz="UTC")))
+    newer = rows.slice(2, 1)
+    newer = newer.set_column(newer.schema.get_field_index("item_ids"), "item_ids", pa.array([[31, 32]]))
+    newer = newer.set_column(newer.schema.get_field_index("generated_at"), "generated_at",
+                             pa.array([now + timedelta(minutes=1)], ts))
     write_deltalake(f"{root}/serving/recommendations", newer, mode="append")
     assert lookup.get(2).item_ids == [31, 32]  # the cache follows the table's version
     # the cold-start list obeys the category rules too
@@ -181,14 +200,44 @@ def test_score_batch_leaves_out_items_newer_than_the_champion(served, tmp_path, 
     shutil.copytree(served["pristine"], root)
     users = _table(root, "gold/user_sequences").column("user_id").to_pylist()[:5]
     last = max(e.timestamp() for e in _table(root, "silver/events").column("event_ts").to_pylist())
+    newcomer = 800_000  # a new user who has seen only new items: nothing the champion knows
     new = tmp_path / "new.csv"
-    new.write_text("".join(f"{u},{900_000 + k},1,pv,{int(last) + 60 * k}\n" for k, u in enumerate(users)))
+    new.write_text("".join(f"{u},{900_000 + k},1,pv,{int(last) + 60 * k}\n" for k, u in enumerate(users))
+                   + f"{newcomer},900001,1,pv,{int(last)}\n{newcomer},900002,1,buy,{int(last) + 1}\n")
     for argv in (("ingest", "--format", "taobao", "--input", str(new)), ("features",), ("score-batch",)):
         code, _, err = run_cli(capsys, *argv, "--root", root, *QUIET)
         assert code == 0, err[-2000:]
-    recs = _table(root, "serving/recommendations").to_pylist()
-    assert {u for u in users} <= {r["user_id"] for r in recs}
-    assert not any(i >= 900_000 for r in recs for i in r["item_ids"])
+    recs = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    assert set(users) <= set(recs) and recs[users[0]]["model_name"] == "sasrec"
+    assert not any(i >= 900_000 for r in recs.values() for i in r["item_ids"])
+    # ...and the newcomer gets the popular items (the cold-start list), not item index order
+    fallback = recs[newcomer]
+    known = [i for i in popular_items(root, 1000) if i < 900_000]  # the champion's catalogue
+    assert fallback["model_name"] == "popularity" and len(fallback["item_ids"]) == 50  # serving.k
+    assert fallback["item_ids"] == known[:50]
+    assert fallback["scores"] == sorted(fallback["scores"], reverse=True) and fallback["scores"][0] > 0
+    lookup = RecommendationLookup(root)
+    assert lookup.get(newcomer).cold_start and lookup.get(newcomer).source == "batch"
+    assert not lookup.get(users[0]).cold_start
+
+
+def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, capsys) -> None:
+    # The stream is ahead of silver: a purchase it saw must not come back with the next batch run.
+    root = str(tmp_path / "lake")
+    shutil.copytree(served["pristine"], root)
+    code, _, err = run_cli(capsys, "score-batch", "--root", root, *QUIET)
+    assert code == 0, err[-2000:]
+    first = _table(root, "serving/recommendations").to_pylist()[0]
+    user, top = first["user_id"], first["item_ids"][0]
+    now = datetime.now(UTC)
+    write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
+        "user_id": user, "item_ids": [top], "behaviors": ["buy"], "event_ts": [now], "bought": [top],
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+    # other rules in the same session: Python workers that keep the model must not keep the rules
+    code, _, err = run_cli(capsys, "score-batch", "--root", root, "--set", "serving.k=7", *QUIET)
+    assert code == 0, err[-2000:]
+    again = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    assert top not in again[user]["item_ids"] and len(again[user]["item_ids"]) == 7
 
 
 def _land(folder: Path, lines: list[str | bytes], name: str) -> None:

@@ -1,7 +1,7 @@
 """The read path: a user's current list in well under a millisecond after warm-up.
 
 ``RecommendationLookup`` keeps an in-memory snapshot of ``serving/recommendations`` (one entry
-per user: the newer of its batch and nearline rows) and of the cold-start list, and reloads it
+per user: of its batch and nearline rows, the one that saw the newer event) and of the cold-start list, and reloads it
 when the table's Delta version moves — checked at most every ``refresh_seconds``, so a lookup
 is a dict access, not a table scan. Reads go through delta-rs directly: no Spark session needed.
 """
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from recsys_spark.constants import CATEGORY_ID, GOLD_ITEM_FEATURES, ITEM_ID, SERVING_RECOMMENDATIONS, USER_ID
-from recsys_spark.serving.rules import BusinessRules, Catalogue
+from recsys_spark.serving.rules import POPULARITY_FALLBACK, BusinessRules, Catalogue, popularity
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ def _version(path: str) -> int:
 
 
 def popular_items(root: str, k: int, rules: BusinessRules | None = None) -> list[int]:
-    """Cold-start list: items by interactions over the shortest window of gold/item_features
-    of at least 7 days, within the ``rules``' allowed categories."""
+    """Cold-start list: the most popular items (``rules.popularity``) within the ``rules``'
+    allowed categories; ties by item id."""
     path = _table_path(root, GOLD_ITEM_FEATURES)
     if _version(path) < 0:
         return []
@@ -74,20 +74,14 @@ def popular_items(root: str, k: int, rules: BusinessRules | None = None) -> list
     if rules is not None and CATEGORY_ID in table.column_names:
         categories = table.column(CATEGORY_ID).fill_null(-1).to_numpy()
         table = table.filter(pa.array(Catalogue(categories).allowed(rules)))
-    windows = sorted({name.rsplit("_", 1)[1] for name in table.column_names
-                      if name.endswith("d") and name.startswith(("pv_", "buy_"))}, key=lambda w: int(w[:-1]))
-    window = next((w for w in windows if int(w[:-1]) >= 7), windows[-1] if windows else None)
-    if window is None:
-        return table.column(ITEM_ID).to_pylist()[:k]
-    counts = sum(table.column(f"{b}_{window}").fill_null(0).to_numpy().astype(float)
-                 for b in ("pv", "cart", "fav", "buy") if f"{b}_{window}" in table.column_names)
-    order = np.lexsort((table.column(ITEM_ID).to_numpy(), -counts))[:k]
+    order = np.lexsort((table.column(ITEM_ID).to_numpy(), -popularity(table)))[:k]
     return table.column(ITEM_ID).to_numpy()[order].tolist()
 
 
 class RecommendationLookup:
-    """``lookup.get(user_id, k)``: the user's list, nearline over batch when newer, or the
-    cold-start list flagged as such. Thread-safe; unknown users are not an error."""
+    """``lookup.get(user_id, k)``: the user's list (of batch and nearline, the one that saw the
+    newer event), or the cold-start list flagged as such. Thread-safe; unknown users are not an
+    error."""
 
     def __init__(
         self, root: str, *, refresh_seconds: float = 1.0, cold_start_k: int = 50,
@@ -111,9 +105,13 @@ class RecommendationLookup:
         if version < 0:
             return _Snapshot(version, {}, pa.table({}), popular)
         table = DeltaTable(self.path, version=version).to_pyarrow_table(
-            columns=[USER_ID, "item_ids", "scores", "source", "model_version", "generated_at"])
-        # newest row per user wins: sort by time and let later rows overwrite earlier ones
-        table = table.take(pc.sort_indices(table, [("generated_at", "ascending")]))
+            columns=[USER_ID, "item_ids", "scores", "source", "model_name", "model_version", "generated_at",
+                     "last_event_ts"])
+        # Per user, the row that saw the newest event wins, then the newer row: a batch run of
+        # tonight's model over yesterday's gold must not undo what the stream saw since. Sorted
+        # ascending, later rows overwrite earlier ones in ``rows``.
+        table = table.take(pc.sort_indices(table, [("last_event_ts", "ascending", "at_start"),
+                                                   ("generated_at", "ascending", "at_start")]))
         users = table.column(USER_ID).to_numpy()
         rows = dict(zip(users.tolist(), range(len(users)), strict=True))
         return _Snapshot(version, rows, table, popular)
@@ -142,5 +140,5 @@ class RecommendationLookup:
             source=table.column("source")[row].as_py(),
             model_version=table.column("model_version")[row].as_py(),
             generated_at=table.column("generated_at")[row].as_py(),
-            cold_start=False,
+            cold_start=table.column("model_name")[row].as_py() == POPULARITY_FALLBACK,
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 from recsys_spark.errors import InputDataError
 
 TICK_SECONDS = 0.5
+MAX_SECONDS = 366 * 86_400
 
 
 @dataclass
@@ -154,6 +155,10 @@ def replay(
     if not (math.isfinite(pace) and pace > 0):
         raise InputDataError("--rate and --speedup must be positive finite numbers")
     events = read_events(Path(input_path), fmt, limit)
+    duration = len(events) / rate if rate is not None else (events[-1][0] - events[0][0]) / speedup
+    if duration > MAX_SECONDS:  # a typo such as 1e-3 for 1e3; sleeps that long also overflow
+        raise InputDataError(f"at this pace the replay would take {duration / 86_400:.3g} days "
+                             f"(more than {MAX_SECONDS // 86_400} allowed): raise --rate or --speedup")
     folder = Path(landing)
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "csv" if fmt == "taobao" else "jsonl"

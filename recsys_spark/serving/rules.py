@@ -12,12 +12,19 @@ of item embeddings. λ = 0 is exactly the relevance order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from recsys_spark.config import ServingSettings
+from recsys_spark.constants import BEHAVIORS
+
+# ``model_name`` of a serving row ranked by popularity because the champion had nothing to go
+# on (every item of the history unknown to it): the lookup reports such a list as cold start.
+POPULARITY_FALLBACK = "popularity"
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Catalogue:
 
     categories: np.ndarray  # (I,) int64, -1 unknown
     embeddings: np.ndarray | None = None  # (I, D) float32
+    popularity: np.ndarray | None = None  # (I,) interactions, see ``popularity``
 
     def allowed(self, rules: BusinessRules) -> np.ndarray:
         ok = np.ones(len(self.categories), dtype=bool)
@@ -57,6 +65,27 @@ class Catalogue:
         if rules.category_deny:
             ok &= ~np.isin(self.categories, rules.category_deny)
         return ok
+
+
+def popularity_columns(names: Sequence[str]) -> list[str]:
+    """The count columns of gold/item_features that ``popularity`` adds up: every behaviour over
+    the shortest window of at least 7 days (the longest there is, if all are shorter)."""
+    windows = sorted({int(name.rsplit("_", 1)[1][:-1]) for name in names
+                      if name.startswith(tuple(f"{b}_" for b in BEHAVIORS)) and name.endswith("d")
+                      and name.rsplit("_", 1)[1][:-1].isdigit()})
+    if not windows:
+        return []
+    window = next((w for w in windows if w >= 7), windows[-1])
+    return [f"{b}_{window}d" for b in BEHAVIORS if f"{b}_{window}d" in names]
+
+
+def popularity(item_features: pa.Table) -> np.ndarray:
+    """Interactions per row of ``item_features`` (see ``popularity_columns``): the cold-start
+    ranking, and the fallback for users the champion knows nothing about."""
+    counts = np.zeros(item_features.num_rows)
+    for name in popularity_columns(item_features.column_names):
+        counts += item_features.column(name).fill_null(0).to_numpy().astype(float)
+    return counts
 
 
 def apply_rules(
@@ -69,7 +98,7 @@ def apply_rules(
     if rules.exclude_bought:
         rows = np.repeat(np.arange(len(bought)), [len(b) for b in bought])
         cols = np.concatenate(bought).astype(np.int64) if bought else np.zeros(0, np.int64)
-        keep = cols < scores.shape[1]
+        keep = (cols >= 0) & (cols < scores.shape[1])  # -1: an item the model does not know
         scores[torch.from_numpy(rows[keep]), torch.from_numpy(cols[keep])] = float("-inf")
     width = min(rules.candidates if rules.diversity_lambda > 0 else rules.k, scores.shape[1])
     top = scores.topk(width, dim=1)

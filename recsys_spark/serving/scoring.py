@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from recsys_spark.constants import (
     ITEM_IDX,
     SERVING_ITEM_EMBEDDINGS,
     SERVING_RECOMMENDATIONS,
+    SERVING_USER_STATE,
     SILVER_EVENTS,
     USER_ID,
     USER_IDX,
@@ -36,7 +37,15 @@ from recsys_spark.constants import (
 from recsys_spark.errors import RecsysError
 from recsys_spark.evaluation.evaluate import load_registered
 from recsys_spark.logs import get_logger, log_event
-from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
+from recsys_spark.serving.rules import (
+    POPULARITY_FALLBACK,
+    BusinessRules,
+    Catalogue,
+    apply_rules,
+    intra_list_diversity,
+    popularity,
+    popularity_columns,
+)
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import CHAMPION, alias_version, connect, model_uri, tracking_uri
 from recsys_spark.training.batches import EvalBatch
@@ -86,15 +95,32 @@ def load_champion(settings: Settings, version: str | None = None) -> Champion:
     return Champion(version, load_registered(model_uri(settings, version=version), tracking_uri(settings)))
 
 
-def item_categories(lake: Lakehouse, num_items: int) -> np.ndarray:
-    """(I,) raw category id of items 0..I-1 (-1 unknown), from gold/item_features."""
+def item_catalogue(lake: Lakehouse, num_items: int, embeddings: np.ndarray | None = None) -> Catalogue:
+    """What the rules know of items 0..I-1, from gold/item_features: raw category ids (-1
+    unknown) and popularity (0 unknown)."""
     categories = np.full(num_items, -1, dtype=np.int64)
+    counts = np.zeros(num_items)
     if lake.exists(GOLD_ITEM_FEATURES):
-        rows = lake.read(GOLD_ITEM_FEATURES).select(ITEM_IDX, CATEGORY_ID).filter(
+        features = lake.read(GOLD_ITEM_FEATURES)
+        rows = features.select(ITEM_IDX, CATEGORY_ID, *popularity_columns(features.columns)).filter(
             F.col(ITEM_IDX) < num_items).toArrow()
         index = rows.column(ITEM_IDX).to_numpy()
         categories[index] = rows.column(CATEGORY_ID).fill_null(-1).to_numpy()
-    return categories
+        counts[index] = popularity(rows)
+    return Catalogue(categories, embeddings, counts)
+
+
+@dataclass
+class RankedLists:
+    """``RuleScorer.recommend``'s answer, one entry per user."""
+
+    items: list[list[int]]  # raw item ids, best first
+    scores: list[list[float]]
+    diversity: np.ndarray
+    fallback: np.ndarray  # bool: ranked by popularity, the champion knowing nothing of the history
+
+    def model_names(self, champion: str) -> list[str]:
+        return [POPULARITY_FALLBACK if f else champion for f in self.fallback]
 
 
 @dataclass
@@ -109,12 +135,14 @@ class RuleScorer:
     def build(cls, lake: Lakehouse, settings: Settings, champion: Champion) -> RuleScorer:
         rules = BusinessRules.from_settings(settings.serving)
         embeddings = champion.model.item_embeddings() if rules.diversity_by == "embedding" else None
-        return cls(champion, Catalogue(item_categories(lake, champion.model.num_items), embeddings), rules)
+        return cls(champion, item_catalogue(lake, champion.model.num_items, embeddings), rules)
 
-    def recommend(
-        self, histories: list[np.ndarray], users: np.ndarray, bought: list[np.ndarray]
-    ) -> tuple[list[list[int]], list[list[float]], np.ndarray]:
-        """Histories and purchases as item indices (oldest first) -> raw ids, scores, diversity."""
+    def recommend(self, histories: list[np.ndarray], users: np.ndarray, bought: list[np.ndarray]) -> RankedLists:
+        """Histories and purchases as item indices (oldest first) -> ranked raw ids.
+
+        Where the champion's scores do not vary over the catalogue (a sequence model given only
+        items it was not trained on, a user model given an unknown user) its order would be item
+        index order; such users are ranked by popularity instead, under the same rules."""
         model = self.champion.model
         length = model.spec.max_length
         # Items indexed after the champion was trained (the dictionary only grows) are unknown
@@ -129,48 +157,77 @@ class RuleScorer:
         known_users = np.where(users < model.spec.num_users, users, -1)
         batch = EvalBatch(users=torch.from_numpy(known_users.astype(np.int64)), inputs=tensor, behaviors=zeros,
                           gaps=zeros, targets=empty, seen=empty)
-        indices, values = apply_rules(model.score_batch(batch), bought, self.catalogue, self.rules)
-        diversity = intra_list_diversity(indices, self.catalogue.categories)
+        scores = model.score_batch(batch)
+        fallback = (scores.amax(1) == scores.amin(1)).numpy() & (self.catalogue.popularity is not None)
+        if fallback.any():
+            scores[torch.from_numpy(fallback)] = torch.from_numpy(self._popularity_ranks).to(scores.dtype)
+        indices, values = apply_rules(scores, bought, self.catalogue, self.rules)
+        if fallback.any():  # report interactions, not ranks
+            values[fallback] = np.where(indices[fallback] >= 0, self.catalogue.popularity[indices[fallback]], np.nan)
         raw = model.item_ids
-        items = [raw[row[row >= 0]].tolist() for row in indices]
-        scores = [row[np.isfinite(row)].astype(float).tolist() for row in values]
-        return items, scores, diversity
+        return RankedLists(
+            items=[raw[row[row >= 0]].tolist() for row in indices],
+            scores=[row[np.isfinite(row)].astype(float).tolist() for row in values],
+            diversity=intra_list_diversity(indices, self.catalogue.categories),
+            fallback=fallback,
+        )
+
+    @cached_property
+    def _popularity_ranks(self) -> np.ndarray:
+        """(I,) I - rank by popularity, ties by raw item id as in the cold-start list: exact in
+        float32 (counts plus a tie-breaking fraction would not be), and topk needs no ties."""
+        assert self.catalogue.popularity is not None
+        order = np.lexsort((self.champion.model.item_ids, -self.catalogue.popularity))
+        ranks = np.empty(len(order))
+        ranks[order] = len(order) - np.arange(len(order))
+        return ranks
 
 
 # --- batch scoring ------------------------------------------------------------------------------
 
-_SCORERS: dict[str, RuleScorer] = {}
+_CHAMPIONS: dict[tuple[str, str, str], Champion] = {}
 
 
 def _score_partition(
     frames: Iterator[pd.DataFrame], *, settings: Settings, version: str, catalogue: Catalogue,
     rules: BusinessRules, generated_at: datetime,
 ) -> Iterator[pd.DataFrame]:
-    key = f"{settings.mlflow.registered_model}/{version}"
-    if key not in _SCORERS:  # once per Python worker, reused by every partition it scores
-        _SCORERS[key] = RuleScorer(load_champion(settings, version), catalogue, rules)
-    scorer = _SCORERS[key]
+    # The model is loaded once per Python worker and reused by every partition and job it
+    # scores (workers outlive jobs); rules and catalogue come with each job.
+    key = (tracking_uri(settings), settings.mlflow.registered_model, version)
+    if key not in _CHAMPIONS:
+        _CHAMPIONS[key] = load_champion(settings, version)
+    scorer = RuleScorer(_CHAMPIONS[key], catalogue, rules)
     for frame in frames:
         histories = [np.asarray(h, dtype=np.int64) for h in frame["items"]]
-        bought = [np.asarray(b if b is not None else [], dtype=np.int64) for b in frame["bought"]]
-        items, scores, diversity = scorer.recommend(histories, frame[USER_IDX].to_numpy(), bought)
+        model = scorer.champion.model
+        bought = [np.concatenate([np.asarray(b if b is not None else [], dtype=np.int64),
+                                  model.item_index(np.asarray(s if s is not None else [], dtype=np.int64))])
+                  for b, s in zip(frame["bought"], frame["stream_bought"], strict=True)]
+        ranked = scorer.recommend(histories, frame[USER_IDX].to_numpy(), bought)
         yield pd.DataFrame({
-            USER_ID: frame[USER_ID], USER_IDX: frame[USER_IDX], "item_ids": items, "scores": scores,
-            "model_name": scorer.champion.name, "model_version": version, "generated_at": generated_at,
-            "last_event_ts": frame["last_event_ts"], "stream_batch_id": None,
-            "intra_list_diversity": diversity, "source": BATCH,
+            USER_ID: frame[USER_ID], USER_IDX: frame[USER_IDX], "item_ids": ranked.items, "scores": ranked.scores,
+            "model_name": ranked.model_names(scorer.champion.name), "model_version": version,
+            "generated_at": generated_at, "last_event_ts": frame["last_event_ts"], "stream_batch_id": None,
+            "intra_list_diversity": ranked.diversity, "source": BATCH,
         })
 
 
 def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) -> dict[str, Any]:
     """Top-K for every user of gold/user_sequences into serving/recommendations (source=batch),
-    replacing the previous batch rows in one commit; nearline rows are left alone."""
+    replacing the previous batch rows in one commit; nearline rows are left alone. Bought means
+    bought in silver or seen bought by the stream (serving/user_state), which may be ahead."""
     started = time.perf_counter()
     champion = load_champion(settings)
     scorer = RuleScorer.build(lake, settings, champion)
     bought = (lake.read(SILVER_EVENTS).filter(F.col(BEHAVIOR) == "buy")
               .groupBy(USER_IDX).agg(F.collect_set(ITEM_IDX).alias("bought")))
     users = lake.read(GOLD_USER_SEQUENCES).select(USER_IDX, USER_ID, "items", "last_event_ts")
+    if lake.exists(SERVING_USER_STATE):  # raw ids: mapped by the champion in the workers
+        users = users.join(lake.read(SERVING_USER_STATE).select(USER_ID, F.col("bought").alias("stream_bought")),
+                           USER_ID, "left")
+    else:
+        users = users.withColumn("stream_bought", F.lit(None).cast("array<long>"))
     job = partial(_score_partition, settings=settings, version=champion.version, catalogue=scorer.catalogue,
                   rules=scorer.rules, generated_at=datetime.now(UTC))
     rows = users.join(bought, USER_IDX, "left").mapInPandas(job, RECOMMENDATION_SCHEMA)

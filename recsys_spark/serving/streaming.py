@@ -307,15 +307,17 @@ class NearlineSink:
         bought = [b[b >= 0] for b in bought]
         self.users.refresh()
         user_idx = np.asarray([self.users.index_by_raw.get(u, -1) for u in touched], dtype=np.int64)
-        items, scores, diversity = scorer.recommend(index_histories, user_idx, bought)
+        ranked = scorer.recommend(index_histories, user_idx, bought)
         laps("score")
         generated = datetime.now(UTC)
         rows = pa.Table.from_pylist([
             {USER_ID: u, USER_IDX: int(i) if i >= 0 else None, "item_ids": it, "scores": sc,
-             "model_name": scorer.champion.name, "model_version": scorer.champion.version,
+             "model_name": name, "model_version": scorer.champion.version,
              "generated_at": generated, "last_event_ts": h.event_ts[-1], "stream_batch_id": batch_id,
              "intra_list_diversity": float(d), "source": NEARLINE}
-            for u, i, it, sc, d, h in zip(touched, user_idx, items, scores, diversity, merged, strict=True)
+            for u, i, it, sc, name, d, h in zip(touched, user_idx, ranked.items, ranked.scores,
+                                                ranked.model_names(scorer.champion.name), ranked.diversity,
+                                                merged, strict=True)
         ], schema=_recommendation_schema())
         self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
                          partition_by=("source",),
