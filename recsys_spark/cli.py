@@ -378,7 +378,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     uri = model_uri(settings, version=version)
     rows = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == args.split)
     metrics = evaluate_in_spark(rows, model_uri=uri, tracking_uri=tracking_uri(settings),
-                                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen)
+                                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
+                                batch_size=settings.evaluation.batch_size)
     _say(args, f"{uri} on {GOLD_TRAINING_EXAMPLES} v{data.version} {args.split} ({data.protocol}):")
     _say(args, f"  {_metric_line(metrics)}")
     return {"model_uri": uri, "split": args.split, "table_version": data.version, "metrics": metrics, **metrics}

@@ -11,7 +11,14 @@ from deltalake import WriterProperties, write_deltalake
 from torch.utils.data import DataLoader
 
 from recsys_spark.training.batches import eval_batch, sequence_batch
-from recsys_spark.training.data import DeltaBatches, TableSlice, count_rows, pad_left, prefetch
+from recsys_spark.training.data import (
+    DeltaBatches,
+    TableSlice,
+    collate_with,
+    count_rows,
+    pad_left,
+    prefetch,
+)
 
 
 def _rows(start: int, n: int, split: str = "train") -> pa.Table:
@@ -121,6 +128,14 @@ def test_sequence_and_eval_batches() -> None:
     assert evaluation.targets.tolist() == [[9], [3]]
     assert evaluation.seen.tolist() == [[4, 5, 6], [7, 8, -1]]
     assert eval_batch(batch, max_length=4, mask_seen=False).seen.tolist() == [[-1], [-1]]
+
+
+def test_collate_with_cuts_batches_to_at_most_max_rows() -> None:
+    # Spark hands evaluation 10,000 rows at a time; scoring them at once is 10,000 x catalogue.
+    batches = [pa.RecordBatch.from_pydict({"x": list(range(n))}) for n in (7, 0, 3)]
+    sizes = list(collate_with(batches, lambda b: b.num_rows, max_rows=3))
+    assert sizes == [3, 3, 1, 3]
+    assert list(collate_with(batches, lambda b: b.num_rows)) == [7, 3]
 
 
 def test_prefetch_yields_everything_and_reraises_errors() -> None:

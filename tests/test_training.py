@@ -202,13 +202,18 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
 
     out = champion.predict(pd.DataFrame({"history": [history], "user_id": [1]}), params={"k": 7})
     assert len(out["item_ids"][0]) == 7 and not set(out["item_ids"][0]) & set(history)
+    # k beyond the unseen items: the list is shorter, never padded with the history
+    everything = _some_item_ids(gold_root, limit=None)
+    out = champion.predict(pd.DataFrame({"history": [everything[:-2]]}), params={"k": 10})
+    assert sorted(out["item_ids"][0]) == sorted(everything[-2:]) and len(out["scores"][0]) == 2
 
     code, result, err = run_cli(capsys, "promote", "--version", "3", "--root", gold_root, "--json", *store(tmp_path))
     assert code == 0, err
     assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
-    code, result, err = run_cli(capsys, "evaluate", "--root", gold_root, "--json", *TINY, *store(tmp_path))
+    code, result, err = run_cli(capsys, "evaluate", "--root", gold_root, "--json", *TINY, *store(tmp_path),
+                                "--set", "evaluation.batch_size=3")  # sums: any batch size, same means
     assert code == 0, err
-    assert result["ndcg@10"] == pytest.approx(worse["ndcg@10"], abs=1e-9)  # Spark eval == training eval
+    assert result["ndcg@10"] == pytest.approx(worse["ndcg@10"], rel=1e-6)  # Spark eval == training eval
 
     code, _, err = run_cli(capsys, "evaluate", "--version", "99", "--root", gold_root, *store(tmp_path))
     assert code == 1 and "error: registered model" in err and "no version '99'" in err
@@ -222,11 +227,11 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
 
 
-def _some_item_ids(root: str) -> list[int]:
+def _some_item_ids(root: str, limit: int | None = 5) -> list[int]:
     from deltalake import DeltaTable
 
     items = DeltaTable(f"{root}/silver/item_index").to_pyarrow_table(columns=["item_id"])
-    return items.column("item_id").to_pylist()[:5]
+    return items.column("item_id").to_pylist()[:limit]
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -94,7 +94,7 @@ def evaluate_registered(
     return sums.means()
 
 
-_MODELS: dict[str, Any] = {}
+_MODELS: dict[tuple[str, str], Any] = {}
 
 
 def _partition_sums(
@@ -105,13 +105,17 @@ def _partition_sums(
     num_items: int,
     ks: Sequence[int],
     mask_seen: bool,
+    batch_size: int,
 ) -> Iterator[pa.RecordBatch]:
-    # Loaded once per Python worker process, then reused by every partition it runs.
-    if model_uri not in _MODELS:
-        _MODELS[model_uri] = load_registered(model_uri, tracking_uri)
-    model = _MODELS[model_uri]
+    # Loaded once per Python worker process, then reused by every partition it runs; the same
+    # URI in another tracking store is another model.
+    key = (tracking_uri, model_uri)
+    if key not in _MODELS:
+        _MODELS[key] = load_registered(model_uri, tracking_uri)
+    model = _MODELS[key]
     collate = partial(eval_batch, max_length=model.spec.max_length, mask_seen=mask_seen)
-    sums = sums_of_batches(model.score_batch, collate_with(batches, collate), num_items=num_items, ks=ks)
+    sums = sums_of_batches(model.score_batch, collate_with(batches, collate, batch_size), num_items=num_items,
+                           ks=ks)
     yield pa.RecordBatch.from_pydict({"sums": [sums.as_vector().tolist()]})
 
 
@@ -123,10 +127,12 @@ def evaluate_in_spark(
     num_items: int,
     ks: Sequence[int],
     mask_seen: bool,
+    batch_size: int = 256,
 ) -> dict[str, float]:
-    """Evaluate a registered model on ``examples`` (rows of one split) across Spark tasks."""
+    """Evaluate a registered model on ``examples`` (rows of one split) across Spark tasks,
+    ``batch_size`` users scored at a time."""
     job = partial(_partition_sums, model_uri=model_uri, tracking_uri=tracking_uri,
-                  num_items=num_items, ks=list(ks), mask_seen=mask_seen)
+                  num_items=num_items, ks=list(ks), mask_seen=mask_seen, batch_size=batch_size)
     parts = examples.select(*EVAL_COLUMNS).mapInArrow(job, "sums array<double>").collect()
     total = empty_sums(num_items, ks)
     vector = np.sum([np.asarray(r["sums"]) for r in parts], axis=0)

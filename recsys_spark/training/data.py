@@ -237,8 +237,11 @@ def pad_left(lists: pa.Array, length: int, *, shift: int = 0, dtype: type = np.i
 
 
 def collate_with(
-    batches: Iterable[pa.RecordBatch], collate: Callable[[pa.RecordBatch], T]
+    batches: Iterable[pa.RecordBatch], collate: Callable[[pa.RecordBatch], T], max_rows: int | None = None
 ) -> Iterator[T]:
+    """``collate`` each non-empty batch, cut first into slices of at most ``max_rows`` rows
+    (Spark hands Python 10,000 rows at a time: 10,000 x catalogue scores would not fit)."""
     for batch in batches:
-        if batch.num_rows:
-            yield collate(batch)
+        step = max_rows or max(batch.num_rows, 1)
+        for start in range(0, batch.num_rows, step):
+            yield collate(batch.slice(start, step))

@@ -147,10 +147,12 @@ class RecommenderModel(PythonModel):
         rows, cols = np.nonzero(seen >= 0)
         scores[rows, seen[rows, cols]] = float("-inf")  # never recommend what the user has
         top = scores.topk(min(k, scores.shape[1]), dim=1)
+        values, indices = top.values.numpy().astype(float), top.indices.numpy()
+        shown = np.isfinite(values)  # fewer than k items left unseen: a shorter list
         return pd.DataFrame(
             {
-                "item_ids": [self.item_ids[i].tolist() for i in top.indices.numpy()],
-                "scores": [s.tolist() for s in top.values.numpy().astype(float)],
+                "item_ids": [self.item_ids[i[ok]].tolist() for i, ok in zip(indices, shown, strict=True)],
+                "scores": [v[ok].tolist() for v, ok in zip(values, shown, strict=True)],
             }
         )
 
