@@ -184,6 +184,8 @@ def record_gate(
     champion: Any | None,
     champion_value: float | None,
     eval_set: str,
+    *,
+    champion_error: str | None = None,
 ) -> bool:
     """Give ``version`` the challenger alias and promote it when it beats the champion.
 
@@ -198,7 +200,7 @@ def record_gate(
     elif champion is None:
         promoted, reason = True, "no champion yet"
     elif champion_value is None:
-        promoted, reason = True, "champion could not be evaluated"
+        promoted, reason = True, f"champion could not be evaluated ({champion_error or 'no value'})"
     elif challenger_value > champion_value:
         promoted, reason = True, f"{metric} {challenger_value:.5f} > champion's {champion_value:.5f}"
     else:

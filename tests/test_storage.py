@@ -195,6 +195,10 @@ def test_upsert_inserts_updates_and_respects_condition(spark, lake: Lakehouse) -
     )
     assert not replay.skipped and skipped.skipped
     assert lake.read("serving/t").count() == 4
+    # an empty upsert still records its transaction: its replay is recognised too
+    lake.upsert(spark.createDataFrame([], schema), "serving/t", keys=["user"], idempotency=Idempotency("stream", 6))
+    assert lake.transaction_version("serving/t", "stream") == 6
+    assert lake.read("serving/t").count() == 4
 
 
 def test_delete_history_and_time_travel(spark, lake: Lakehouse) -> None:
@@ -235,6 +239,9 @@ def test_optimize_compacts_and_vacuum_removes_orphans(spark, lake: Lakehouse) ->
     assert not orphan.exists() and not stale.exists()
     assert any("part-crashed" in r for r in removed)
     assert lake.read("silver/t").count() == 40
+    # versions before the compaction lost their files: a clear error, not a failed Spark job
+    with pytest.raises(TableNotFoundError, match=r"v1 can no longer be read: .*vacuum"):
+        lake.read("silver/t", version=1)
 
 
 def test_missing_tables_and_bad_names(lake: Lakehouse) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +306,30 @@ def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: P
     assert client_for(tmp_path).get_run(run_id).info.status == "FINISHED"
     history = client_for(tmp_path).get_metric_history(run_id, "train_loss")
     assert {m.step for m in history} == set(range(epochs))  # no epoch lost across the kill
+
+
+def test_gate_survives_an_unusable_champion_and_a_resumed_run_registers_once(
+        gold_root: str, tmp_path: Path, capsys) -> None:
+    client = client_for(tmp_path)
+    assert train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)["promoted"]
+    shutil.rmtree(tmp_path / "artifacts")  # the champion's files are gone: it can serve nobody
+    second = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)
+    assert second["model_version"] == "2" and second["promoted"]
+    assert "champion could not be evaluated" in client.get_model_version(REGISTERED, "2").tags["gate.reason"]
+
+    # A run that died after registering its model (say, in the gate) is resumed...
+    run_id = second["run_id"]
+    client.set_terminated(run_id, "FAILED")
+    # ...only with the settings it was recorded with (where it runs may change)...
+    code, _, err = run_cli(capsys, "train", "--model", "mf", "--resume", run_id, "--root", gold_root, *TINY,
+                           *store(tmp_path), *UNTRAINED, "--set", "training.learning_rate=0.5")
+    assert code == 2 and "training.learning_rate=1e-07 (now 0.5)" in err, err[-2000:]
+    # ...and registers no second version of itself.
+    resumed = train(capsys, gold_root, tmp_path, "--model", "mf", "--resume", run_id, *UNTRAINED,
+                    "--set", "training.max_minutes=30")
+    assert resumed["run_id"] == run_id and resumed["model_version"] == "2"
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED}'")) == [1, 2]
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str, tmp_path: Path, capsys) -> None:

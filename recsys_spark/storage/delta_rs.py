@@ -127,6 +127,8 @@ class DeltaRsEngine(TableEngine):
             )
         schema = spark_schema(table)
         files = table.file_uris()
+        if version is not None or timestamp is not None:
+            _check_files_exist(path, table.version(), files)
         if not files:
             return self.spark.createDataFrame([], schema)
         # basePath keeps the partition columns, which live in folder names, not in the files.
@@ -260,8 +262,9 @@ class DeltaRsEngine(TableEngine):
         if replayed is not None:
             return replayed
         source = _conform(df if isinstance(df, pa.Table) else df.toArrow(), table, f"upsert into {path}")
-        if source.num_rows == 0:
-            return CommitResult(version=table.version(), rows_written=0)
+        if source.num_rows == 0:  # nothing to merge; an empty commit still records the transaction
+            return self.append_arrow(source, path, partition_by=table.metadata().partition_columns,
+                                     idempotency=idempotency, commit_info=commit_info)
         try:
             metrics = (
                 table.merge(
@@ -313,6 +316,18 @@ class DeltaRsEngine(TableEngine):
             if not DeltaTable.is_deltatable(path):
                 raise TableNotFoundError(f"no Delta table at {path}") from exc
             raise
+
+
+def _check_files_exist(path: str, version: int, files: Sequence[str]) -> None:
+    """An old version whose files a vacuum removed cannot be read: say so, rather than fail
+    later inside a Spark job. Local files only (a stat each); remote stores are left to Spark."""
+    local = [f.removeprefix("file://") for f in files if "://" not in f or f.startswith("file://")]
+    missing = sum(not os.path.exists(f) for f in local)
+    if missing:
+        raise TableNotFoundError(
+            f"table {path} v{version} can no longer be read: {missing} of its {len(files)} data files "
+            "are gone (removed by a vacuum, which keeps only storage.vacuum_retention_hours of history)"
+        )
 
 
 def spark_schema(table: DeltaTable) -> StructType:

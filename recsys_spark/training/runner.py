@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -129,14 +130,16 @@ def model_max_length(settings: Settings) -> int:
     return settings.training.max_length or settings.features.max_sequence_length
 
 
-def load_training_data(lake: Lakehouse, settings: Settings) -> TrainingData:
-    """The gold table's current version, checked to hold something to train and evaluate on."""
+def load_training_data(lake: Lakehouse, settings: Settings, version: int | None = None) -> TrainingData:
+    """The gold table's current version (or ``version``), checked to hold something to train
+    and evaluate on."""
     if not lake.exists(GOLD_TRAINING_EXAMPLES):
         raise TableNotFoundError(
             f"{GOLD_TRAINING_EXAMPLES} does not exist under {settings.root}: run `recsys ingest` "
             "and `recsys features` first"
         )
-    version = lake.version(GOLD_TRAINING_EXAMPLES)
+    if version is None:
+        version = lake.version(GOLD_TRAINING_EXAMPLES)
     path = lake.path(GOLD_TRAINING_EXAMPLES)
     rows = {split: count_rows(TableSlice(path, version, split)) for split in (TRAIN, VALIDATION, TEST)}
     if rows[TRAIN] == 0:
@@ -226,7 +229,9 @@ def run_training(
     started = time.perf_counter()
     name = resolve_model(settings, model)
     client = connect(settings)
-    data = load_training_data(lake, settings)
+    # A resumed run continues on the data version it started with, under the same settings.
+    pinned = None if resume_run_id is None else _resumable(client, settings, name, resume_run_id)
+    data = load_training_data(lake, settings, version=pinned)
     spec = build_spec(lake, settings, name, data)
     run_id = _open_run(client, settings, name, resume_run_id)
     try:
@@ -240,21 +245,52 @@ def run_training(
     return report
 
 
+# Settings a run may be resumed with a different value of: where and how fast it runs, not
+# what it learns.
+_RESUME_MAY_CHANGE = ("training.num_processes", "training.local_mode", "training.max_minutes",
+                      "training.buffer_rows", "training.prefetch_batches", "training.model")
+
+
+def _resumable(client: MlflowClient, settings: Settings, name: str, run_id: str) -> int:
+    """Check that ``run_id`` can be resumed with ``settings``; return its data version.
+
+    The run's parameters are what it is recorded to have trained with, so every setting that
+    shapes the model (the model's own hyperparameters, the training schedule, the sequence
+    length, the evaluation) must be what the run started with.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise RecsysError(f"cannot resume: no run {run_id} in {tracking_uri(settings)}") from exc
+    if run.data.tags.get("recsys.model") != name:
+        raise ConfigError(f"run {run_id} trained {run.data.tags.get('recsys.model')!r}, not {name!r}")
+    if run.info.status == "FINISHED":
+        raise RecsysError(f"run {run_id} already finished; nothing to resume")
+    logged = run.data.params
+    if "data.version" not in logged:
+        raise RecsysError(f"cannot resume: run {run_id} failed before it recorded its data; start a new run")
+    other_models = tuple(f"training.{m}." for m in TASKS if m != name)
+    current = flatten(settings.model_dump(mode="json"))
+    changed = sorted(
+        key for key, value in current.items()
+        if (key.startswith(("training.", "evaluation.")) or key == "features.max_sequence_length")
+        and not key.startswith(other_models) and key not in _RESUME_MAY_CHANGE
+        and key in logged and logged[key] != value[:6000]
+    )
+    if changed:
+        listed = ", ".join(f"{k}={logged[k]} (now {current[k]})" for k in changed[:5])
+        raise ConfigError(f"run {run_id} was started with {listed}{' ...' if len(changed) > 5 else ''}: "
+                          "resume it with the settings it started with, or start a new run")
+    return int(logged["data.version"])
+
+
 def _open_run(client: MlflowClient, settings: Settings, name: str, resume_run_id: str | None) -> str:
     if resume_run_id is None:
         run = client.create_run(experiment_id(client, settings), run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags={"recsys.kind": "model", "recsys.model": name})
         return run.info.run_id
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(resume_run_id)
-    except MlflowException as exc:
-        raise RecsysError(f"cannot resume: no run {resume_run_id} in {tracking_uri(settings)}") from exc
-    if run.data.tags.get("recsys.model") != name:
-        raise ConfigError(f"run {resume_run_id} trained {run.data.tags.get('recsys.model')!r}, not {name!r}")
-    if run.info.status == "FINISHED":
-        raise RecsysError(f"run {resume_run_id} already finished; nothing to resume")
     client.update_run(resume_run_id, status="RUNNING")
     return resume_run_id
 
@@ -331,17 +367,25 @@ def _train_and_register(
     log_learning_curves(client, run_id, result["history"], job.stop_metric)
     log_metrics_at_k(client, run_id, result["test"], settings.evaluation.ks)
 
-    version = _log_models(lake, settings, client, run_id, spec, data, Path(result["best_state_path"]))
+    # A resumed run that had registered its model before failing (in the gate) registers no twin.
+    version = (_registered_version(client, settings, run_id) if resume else None) or _log_models(
+        lake, settings, client, run_id, spec, data, Path(result["best_state_path"]))
     gate = settings.evaluation.gate_metric
     champion = alias_version(client, settings.mlflow.registered_model, CHAMPION)
-    champion_value = None
+    champion_value = champion_error = None
     if champion is not None:
-        champion_value = evaluate_registered(
-            model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
-            num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
-            batch_size=settings.evaluation.batch_size)[gate]
+        try:
+            champion_value = evaluate_registered(
+                model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
+                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
+                batch_size=settings.evaluation.batch_size)[gate]
+        except Exception as exc:  # a champion that cannot be loaded serves nobody either
+            champion_error = f"{type(exc).__name__}: {exc}"[:500]
+            log_event(log, "train.champion_unusable", level=logging.WARNING, version=str(champion.version),
+                      error=champion_error)
     eval_set = f"{GOLD_TRAINING_EXAMPLES}@v{data.version}/{TEST}"
-    promoted = record_gate(client, settings, version, result["test"][gate], champion, champion_value, eval_set)
+    promoted = record_gate(client, settings, version, result["test"][gate], champion, champion_value, eval_set,
+                           champion_error=champion_error)
     client.set_tag(run_id, "recsys.model_version", version)
     client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
     log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted,
@@ -354,6 +398,11 @@ def _train_and_register(
         champion_value=champion_value, gate_metric=gate, world_size=result["world_size"], seconds=0.0,
         data=data_record,
     )
+
+
+def _registered_version(client: MlflowClient, settings: Settings, run_id: str) -> str | None:
+    found = client.search_model_versions(f"name = '{settings.mlflow.registered_model}' and run_id = '{run_id}'")
+    return str(max(int(v.version) for v in found)) if found else None
 
 
 def _pyfunc_signature() -> Any:
