@@ -240,6 +240,26 @@ def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, c
     assert top not in again[user]["item_ids"] and len(again[user]["item_ids"]) == 7
 
 
+def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) -> None:
+    # A stream runs for days; the nightly features run must reach its rules without a restart.
+    from pyspark.sql import functions as F
+
+    from recsys_spark.serving.streaming import NearlineSink
+    from recsys_spark.storage import open_lakehouse
+
+    root = tmp_path / "lake"
+    shutil.copytree(served["pristine"], root)
+    settings = make_settings(root)
+    lake = open_lakehouse(spark, settings)
+    sink = NearlineSink(spark, lake, settings)
+    first = sink._current_scorer()
+    assert sink._current_scorer() is first  # nothing changed: nothing re-read
+    features = lake.read("gold/item_features").withColumn("category_id", F.lit(999).cast("long"))
+    lake.write(features.toArrow(), "gold/item_features", mode="overwrite")
+    rebuilt = sink._current_scorer()
+    assert rebuilt.champion is first.champion and set(rebuilt.catalogue.categories.tolist()) == {999}
+
+
 def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     hidden = folder / f".{name}"
     hidden.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))

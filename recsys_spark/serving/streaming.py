@@ -46,6 +46,7 @@ from recsys_spark.constants import (
     BEHAVIORS,
     BRONZE_EVENTS_RAW,
     EVENT_TS,
+    GOLD_ITEM_FEATURES,
     GOLD_USER_SEQUENCES,
     ITEM_ID,
     ITEM_IDX,
@@ -192,6 +193,7 @@ class NearlineSink:
         self._app_id: str | None = None
         self.max_length = settings.features.max_sequence_length
         self.scorer: RuleScorer | None = None
+        self._features_version = -1
         self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
         self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
 
@@ -205,11 +207,18 @@ class NearlineSink:
         self._slices(sample, "warm-up", datetime.now(UTC))
 
     def _current_scorer(self) -> RuleScorer:
+        """The champion's scorer, re-built when the alias moves or gold/item_features (categories
+        and popularity for the rules) has a new version."""
         version = champion_version(self.settings)
+        features = self.lake.version(GOLD_ITEM_FEATURES) if self.lake.exists(GOLD_ITEM_FEATURES) else -1
         if self.scorer is None or self.scorer.champion.version != version:
             previous = None if self.scorer is None else self.scorer.champion.version
             self.scorer = RuleScorer.build(self.lake, self.settings, load_champion(self.settings, version))
             log_event(log, "stream.model_loaded", version=version, previous=previous)
+        elif features != self._features_version:
+            self.scorer = RuleScorer.build(self.lake, self.settings, self.scorer.champion)
+            log_event(log, "stream.catalogue_reloaded", item_features_version=features)
+        self._features_version = features
         return self.scorer
 
     @property
