@@ -207,6 +207,10 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     everything = _some_item_ids(gold_root, limit=None)
     out = champion.predict(pd.DataFrame({"history": [everything[:-2]]}), params={"k": 10})
     assert sorted(out["item_ids"][0]) == sorted(everything[-2:]) and len(out["scores"][0]) == 2
+    # a history of items the model never saw: the most trained-on items, not item index order
+    out = champion.predict(pd.DataFrame({"history": [[10**15]]}), params={"k": 5})
+    counts = _train_counts(gold_root)
+    assert [counts[i] for i in out["item_ids"][0]] == sorted(counts.values(), reverse=True)[:5]
 
     code, result, err = run_cli(capsys, "promote", "--version", "3", "--root", gold_root, "--json", *store(tmp_path))
     assert code == 0, err
@@ -226,6 +230,20 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     champion = client.get_model_version_by_alias(REGISTERED, "champion")
     assert not record_gate(client, settings, "1", float("inf"), champion, 0.1, "test")
     assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
+
+
+def _train_counts(root: str) -> dict[int, int]:
+    """Raw item id -> occurrences in the training histories of gold/training_examples."""
+    from deltalake import DeltaTable
+
+    examples = DeltaTable(f"{root}/gold/training_examples").to_pyarrow_table(columns=["split", "history_items"])
+    raw = dict(zip(*DeltaTable(f"{root}/silver/item_index").to_pyarrow_table(columns=["item_idx", "item_id"])
+                   .to_pydict().values(), strict=True))
+    counts = {item: 0 for item in raw.values()}
+    for split, history in zip(*examples.to_pydict().values(), strict=True):
+        for idx in history if split == "train" else ():
+            counts[raw[idx]] += 1
+    return counts
 
 
 def _some_item_ids(root: str, limit: int | None = 5) -> list[int]:

@@ -4,7 +4,9 @@ Each run logs two models:
 
 * ``recommender`` — an ``mlflow.pyfunc`` model that takes raw item ids and returns raw item ids:
   ``predict(pd.DataFrame({"history": [[raw ids, oldest first]], "user_id": [...]}),
-  params={"k": 10})`` -> columns ``item_ids`` and ``scores``. This is the registered model (the
+  params={"k": 10})`` -> columns ``item_ids`` and ``scores`` (a history of only unknown items,
+  where the network has nothing to go on, is ranked by training popularity, the share of
+  training interactions being its score). This is the registered model (the
   champion/challenger aliases point at its versions); scoring and evaluation load it.
 * ``torch_model`` — the plain ``nn.Module`` via ``mlflow.pytorch.log_model`` (a ``ScoringModule``
   mapping (B, L) item ids 1..I to (B, I) scores), for people who want the network itself.
@@ -37,6 +39,7 @@ ARCHITECTURE = "architecture"
 WEIGHTS = "weights"
 ITEMS = "items"
 USERS = "users"
+POPULARITY = "train_share"
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     "mlflow==3.17.2",
@@ -70,6 +73,8 @@ def write_artifacts(folder: Path, spec: ModelSpec, state: dict[str, torch.Tensor
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "architecture.json").write_text(json.dumps(spec.architecture(), indent=2))
     torch.save(state, folder / "weights.pt")
+    if spec.log_q is not None:  # each item's share of the training interactions
+        items = items.append_column(POPULARITY, pa.array(np.exp(spec.log_q)[items.column("item_idx").to_numpy()]))
     pq.write_table(items, folder / "items.parquet")
     artifacts = {
         ARCHITECTURE: str(folder / "architecture.json"),
@@ -95,6 +100,12 @@ class RecommenderModel(PythonModel):
         self.model.eval()
         items = pq.read_table(context.artifacts[ITEMS])
         self.item_ids = _by_index(items, "item_idx", "item_id", self.spec.num_items)
+        self.popularity = None  # versions registered before it was packaged have none
+        if POPULARITY in items.column_names:
+            self.popularity = np.zeros(self.spec.num_items, dtype=np.float32)
+            index = items.column("item_idx").to_numpy()
+            keep = index < self.spec.num_items
+            self.popularity[index[keep]] = items.column(POPULARITY).to_numpy()[keep]
         self._item_sorted, self._item_order = _lookup(self.item_ids)
         self.user_ids = None
         if USERS in context.artifacts:
@@ -144,6 +155,9 @@ class RecommenderModel(PythonModel):
                           gaps=torch.zeros_like(torch.from_numpy(inputs)),
                           targets=torch.full((len(histories), 1), -1), seen=torch.from_numpy(seen))
         scores = self.score_batch(batch)
+        uninformed = scores.amax(1) == scores.amin(1)  # nothing known of the user: not index order
+        if self.popularity is not None and bool(uninformed.any()):
+            scores[uninformed] = torch.from_numpy(self.popularity)
         rows, cols = np.nonzero(seen >= 0)
         scores[rows, seen[rows, cols]] = float("-inf")  # never recommend what the user has
         top = scores.topk(min(k, scores.shape[1]), dim=1)
