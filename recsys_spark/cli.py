@@ -14,13 +14,14 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from recsys_spark.config import Settings, describe_settings, load_settings
 from recsys_spark.constants import INPUT_FORMATS
-from recsys_spark.errors import RecsysError
+from recsys_spark.errors import RecsysError, UsageError
 from recsys_spark.logs import configure_logging
 
 MODEL_NAMES = ("sasrec", "two_tower", "mf")
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.logging.level, settings.logging.format)
         result = args.handler(args, settings)
     except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a wrapped library put in its message (delta-rs: a "Help:" line).
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -216,10 +218,19 @@ def _say(args: argparse.Namespace, text: str) -> None:
 # --- handlers ------------------------------------------------------------------------------------
 
 
-def _session(settings: Settings) -> tuple[Any, Any]:
+def _require_lakehouse(settings: Settings) -> None:
+    """Every command but ingest works on an existing lakehouse: a mistyped root must fail, not
+    come into being empty (and "succeed", as `tables` or `maintain` would)."""
+    if "://" not in settings.root and not Path(settings.root).is_dir():
+        raise RecsysError(f"no lakehouse at {settings.root}: check --root, or run `recsys ingest` first")
+
+
+def _session(settings: Settings, *, new_lakehouse: bool = False) -> tuple[Any, Any]:
     from recsys_spark.spark import get_spark
     from recsys_spark.storage import open_lakehouse
 
+    if not new_lakehouse:
+        _require_lakehouse(settings)
     spark = get_spark(settings)
     return spark, open_lakehouse(spark, settings)
 
@@ -252,7 +263,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     if not is_uri(args.input):  # fail on a missing/empty local input before starting Spark
         discover_inputs(args.input, lakehouse=settings.root)
-    spark, lake = _session(settings)
+    spark, lake = _session(settings, new_lakehouse=True)
     report = run_ingest(spark, lake, settings, input_path=args.input, fmt=args.format)
     _say(
         args,
@@ -300,7 +311,7 @@ def _history(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _maintain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if not (args.optimize or args.vacuum):
-        raise RecsysError("maintain needs --optimize and/or --vacuum")
+        raise UsageError("maintain needs --optimize and/or --vacuum")
     from recsys_spark.storage import check_table_name
 
     for name in args.tables:
@@ -341,7 +352,7 @@ def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     unknown = [n for n in args.names if n not in BASELINE_NAMES]
     if unknown:
-        raise RecsysError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINE_NAMES)}")
+        raise UsageError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINE_NAMES)}")
     _, lake = _session(settings)
     results = run_baselines(lake, settings, tuple(args.names) or BASELINE_NAMES)
     for r in results:
@@ -353,7 +364,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, SPLIT
-    from recsys_spark.evaluation.evaluate import evaluate_in_spark
+    from recsys_spark.evaluation.evaluate import evaluate_in_spark, load_registered
     from recsys_spark.tracking import alias_version, connect, model_uri, tracking_uri
     from recsys_spark.training.runner import load_training_data
 
@@ -376,6 +387,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     # The version, not the alias: Spark's Python workers cache models by URI, and an alias
     # may have moved since a worker loaded it.
     uri = model_uri(settings, version=version)
+    try:  # here, not first inside a Spark task, whose failure would be pages of traceback
+        load_registered(uri, tracking_uri(settings))
+    except Exception as exc:
+        raise RecsysError(f"cannot load {uri}: {type(exc).__name__}: {exc}") from exc
     rows = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == args.split)
     metrics = evaluate_in_spark(rows, model_uri=uri, tracking_uri=tracking_uri(settings),
                                 num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
@@ -444,6 +459,7 @@ def _recommend(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.serving.lookup import RecommendationLookup
     from recsys_spark.serving.rules import BusinessRules
 
+    _require_lakehouse(settings)
     result = RecommendationLookup(settings.root, refresh_seconds=settings.serving.lookup_refresh_seconds,
                                   cold_start_k=settings.serving.k,
                                   rules=BusinessRules.from_settings(settings.serving)).get(args.user, args.k)

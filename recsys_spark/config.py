@@ -337,6 +337,9 @@ class Settings(_Section):
         path = Path(value).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise ValueError(f"lakehouse root {path} exists and is not a folder")
+        if "%" in str(path):  # delta-rs decodes "%41" in a path to "A": another folder
+            raise ValueError(f"lakehouse root {path} holds '%', which Delta readers take as an escape; "
+                             "choose a folder name without it")
         return str(path)
 
 

@@ -84,3 +84,6 @@ SPLIT: Final = "split"
 TRAIN: Final = "train"
 VALIDATION: Final = "validation"
 TEST: Final = "test"
+
+# Commit metadata key of silver/events commits: the input format of the ingest run.
+FORMAT_KEY: Final = "format"

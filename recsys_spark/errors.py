@@ -20,6 +20,12 @@ class ConfigError(RecsysError):
     exit_code = 2
 
 
+class UsageError(RecsysError):
+    """The command line asks for something the command cannot do (exit code 2, as argparse)."""
+
+    exit_code = 2
+
+
 class InputDataError(RecsysError):
     """An input file is missing, empty, of the wrong format, or has nothing that parses."""
 

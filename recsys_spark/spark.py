@@ -53,11 +53,13 @@ REQUIRED_CONF: dict[str, str] = {
 def work_dir(settings: Settings) -> Path:
     """Scratch space of local runs (Spark spill, Ivy cache, torchrun folders), under the root.
 
-    A remote root (``s3a://...``) driven by a local session keeps its scratch in the temp folder.
+    A remote root (``s3a://...``) driven by a local session, or a root this process may not
+    write to (a read-only mount, to be read), keeps its scratch in the temp folder.
     """
-    if "://" in settings.root:
+    root = Path(settings.root)
+    if "://" in settings.root or (root.is_dir() and not os.access(root, os.W_OK)):
         return Path(tempfile.gettempdir()) / "recsys-spark" / "_work"
-    return Path(settings.root) / "_work"
+    return root / "_work"
 
 
 def is_local(settings: Settings) -> bool:

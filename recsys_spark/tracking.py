@@ -196,7 +196,7 @@ def record_gate(
     metric = settings.evaluation.gate_metric
     client.set_registered_model_alias(name, CHALLENGER, version)
     if not math.isfinite(challenger_value):  # a diverged model must never become champion
-        promoted, reason = False, f"{metric} {challenger_value} is not a finite number"
+        promoted, reason = False, f"{metric} {challenger_value} is not a finite number (the model diverged)"
     elif champion is None:
         promoted, reason = True, "no champion yet"
     elif champion_value is None:

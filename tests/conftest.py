@@ -77,7 +77,7 @@ def build_gold_lakehouse(folder: Path, *, users: int, items: int, seed: int) -> 
 
     log = folder / "events.csv"
     write_log(GeneratorConfig(users=users, items=items, days=10, seed=seed), log)
-    root = str(folder / "lake")
+    root = str(folder / "lake ü")  # a space and a non-ASCII letter, as in many home folders
     quiet = ["--set", "logging.level=WARNING"]
     assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
     assert main(["features", "--root", root, *quiet]) == 0

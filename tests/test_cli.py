@@ -76,6 +76,8 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
         ("stream", "--timeout", "inf"),
         ("history", "events"),  # not <layer>/<name>: refused before Spark starts
         ("maintain", "silver/events", "../x", "--vacuum"),
+        ("maintain", "silver/events"),  # neither --optimize nor --vacuum
+        ("baselines", "nope"),
         ("no-such-command",),
     ],
 )
@@ -98,6 +100,17 @@ def test_generate_into_a_folder_is_one_line_error(tmp_path: Path) -> None:
 
 def test_root_that_cannot_be_created_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    result = run(str(RECSYS), "tables", "--root", str(tmp_path / "file" / "lake"))
+    (tmp_path / "log.csv").write_text("1,2,3,pv,1511539200\n")
+    result = run(str(RECSYS), "ingest", "--format", "taobao", "--input", str(tmp_path / "log.csv"),
+                 "--root", str(tmp_path / "file" / "lake"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: cannot create {tmp_path / 'file' / 'lake' / '_work'}: Not a directory"
+
+
+@pytest.mark.parametrize("argv", [("tables",), ("history", "silver/events"), ("recommend", "--user", "1"),
+                                  ("maintain", "--vacuum")])
+def test_a_mistyped_root_fails_instead_of_becoming_an_empty_lakehouse(argv: tuple[str, ...], tmp_path: Path) -> None:
+    result = run(str(RECSYS), *argv, "--root", str(tmp_path / "typo"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: no lakehouse at {tmp_path / 'typo'}: check --root, or run `recsys ingest` first"
+    assert not (tmp_path / "typo").exists()

@@ -170,6 +170,19 @@ def test_root_that_is_a_file_fails(tmp_path: Path) -> None:
         load_settings(root=tmp_path / "lake", environ={})
 
 
+def test_read_only_root_keeps_its_scratch_in_the_temp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(root=tmp_path, environ={})
+    assert work_dir(settings) == tmp_path / "_work"
+    # a read-only mount (as root, permission bits would not show it: the check asks the OS)
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != tmp_path)
+    assert work_dir(settings).is_relative_to(tempfile.gettempdir())
+
+
+def test_root_with_a_percent_sign_fails(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="holds '%'"):
+        load_settings(root=tmp_path / "lake%41", environ={})
+
+
 def test_remote_root_is_kept_verbatim() -> None:
     settings = load_settings(root="s3a://bucket/lake/", environ={})
     assert settings.root == "s3a://bucket/lake"

@@ -357,6 +357,34 @@ def test_crash_between_tables_resumes_without_duplicates(
     assert report["rows_clean"] > 0.9 * lines
 
 
+def test_crash_before_the_run_record_changes_neither_features_nor_counts(
+    spark, lake: Lakehouse, settings, capsys, tmp_path, monkeypatch
+) -> None:
+    # Silver is committed, the ops/ingest_runs record (written last) is not.
+    seqs = tmp_path / "seq.txt"
+    seqs.write_text("".join(f"{u} " + " ".join(str(u * 7 % 13 + k) for k in range(6)) + "\n" for u in range(1, 30)))
+    real_write = Lakehouse.write
+
+    def crash_on_record(self, df, table, **kwargs):
+        if table == OPS_INGEST_RUNS:
+            raise RuntimeError("simulated crash before the run record")
+        return real_write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lakehouse, "write", crash_on_record)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(capsys, "ingest", "--format", "sequences", "--input", str(seqs), "--root", settings.root, *QUIET)
+    monkeypatch.setattr(Lakehouse, "write", real_write)
+    assert lake.exists(SILVER_EVENTS) and not lake.exists(OPS_INGEST_RUNS)
+    # the silver version is what it is: split as sequences are, record or not
+    code, features, err = run_cli(capsys, "features", "--root", settings.root, "--json", *QUIET)
+    assert code == 0, err
+    assert features["protocol"] == "leave-one-out"
+    # the re-run finds everything committed and still reports what the run added
+    report = ingest(capsys, Path(settings.root), "sequences", seqs)
+    assert_reconciles(report)
+    assert report["new_users"] == 29 and report["new_items"] == lake.read("silver/item_index").count()
+
+
 @pytest.mark.slow
 def test_real_taobao_slice(spark, lake: Lakehouse, settings, capsys) -> None:
     path = shared_file("taobao_user_behavior_1h.csv")

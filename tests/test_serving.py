@@ -61,6 +61,18 @@ def test_mmr_lambda_zero_is_relevance_and_positive_lambda_diversifies() -> None:
     assert intra_list_diversity(np.array([[0, 1, 3]]), catalogue.categories)[0] == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_mmr_with_fewer_eligible_items_than_k_repeats_nothing(lam: float) -> None:
+    # six of eight items bought: two left, whatever k and lambda (at 1.0, 0 * -inf is NaN)
+    scores = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
+    catalogue = Catalogue(np.array([0, 0, 1, 1, 2, 2, 3, 3]))
+    rules = BusinessRules(k=5, diversity_lambda=lam, candidates=8)
+    indices, values = apply_rules(scores, [np.array([0, 1, 2, 3, 4, 5])], catalogue, rules)
+    assert indices.tolist() == [[6, 7, -1, -1, -1]] and np.isnan(values[0, 2:]).all()
+    indices, _ = apply_rules(scores, [np.array([0, 2])], catalogue, rules)
+    assert len(set(indices[0].tolist())) == 5 and not {0, 2} & set(indices[0].tolist())
+
+
 def test_merge_history_is_idempotent_ordered_and_bounded() -> None:
     t = datetime(2024, 1, 1, tzinfo=UTC)
     start = UserHistory([1, 2], ["pv", "pv"], [t, t + timedelta(seconds=1)], set())
@@ -238,6 +250,11 @@ def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, c
     assert code == 0, err[-2000:]
     again = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
     assert top not in again[user]["item_ids"] and len(again[user]["item_ids"]) == 7
+    # rules that leave nothing: empty lists, and a warning saying why
+    code, _, err = run_cli(capsys, "score-batch", "--root", root, "--set", "serving.category_allow=[123456789]",
+                           *QUIET)
+    assert code == 0 and "score_batch.empty_lists" in err
+    assert not any(r["item_ids"] for r in _table(root, "serving/recommendations").to_pylist() if r["source"] == "batch")
 
 
 def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) -> None:
@@ -258,6 +275,17 @@ def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) ->
     lake.write(features.toArrow(), "gold/item_features", mode="overwrite")
     rebuilt = sink._current_scorer()
     assert rebuilt.champion is first.champion and set(rebuilt.catalogue.categories.tolist()) == {999}
+    # A user whose stream state predates purchases that batch ingest brought to gold since:
+    # those purchases count as bought too.
+    buyer = next(r for r in _table(str(root), "gold/user_sequences").to_pylist() if r["bought_items"])
+    now = datetime.now(UTC)
+    write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
+        "user_id": buyer["user_id"], "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+    raw = dict(zip(*_table(str(root), "silver/item_index").select(["item_idx", "item_id"]).to_pydict().values(),
+                   strict=True))
+    history = sink._histories([buyer["user_id"]])[buyer["user_id"]]
+    assert history.item_ids == [1] and {raw[i] for i in buyer["bought_items"]} <= history.bought
 
 
 def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
@@ -311,7 +339,9 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         assert code == 0, err[-2000:]
         code, _, err = run_cli(capsys, "promote", "--version", "2", "--root", root, *QUIET)
         assert code == 0, err
-        _land(landing, [json.dumps({"user_id": u2, "item_id": 9, "behavior_type": "cart", "ts": now + 1000})],
+        newcomer = 10**9 + 1  # unknown to the MF champion: popular items, not its item biases
+        _land(landing, [json.dumps({"user_id": u2, "item_id": 9, "behavior_type": "cart", "ts": now + 1000}),
+                        json.dumps({"user_id": newcomer, "item_id": 9, "behavior_type": "pv", "ts": now + 1000})],
               "b.jsonl")
         query.processAllAvailable()
         assert query.isActive  # malformed input never stopped it
@@ -319,6 +349,8 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         query.stop()
     rows = {(r["user_id"], r["source"]): r for r in _table(root, "serving/recommendations").to_pylist()}
     assert rows[(u2, "nearline")]["model_version"] == "2" and rows[(u1, "nearline")]["model_version"] == "1"
+    assert rows[(u2, "nearline")]["model_name"] == "mf" and rows[(newcomer, "nearline")]["model_name"] == "popularity"
+    assert rows[(newcomer, "nearline")]["item_ids"][:10] == popular_items(root, 10)
     if before:  # batch rows untouched by nearline upserts
         assert rows[(u1, "batch")]["item_ids"] == before[u1]["item_ids"]
     lookup = RecommendationLookup(root)

@@ -329,11 +329,17 @@ def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: P
 def test_gate_survives_an_unusable_champion_and_a_resumed_run_registers_once(
         gold_root: str, tmp_path: Path, capsys) -> None:
     client = client_for(tmp_path)
+    # A diverged model (NaN weights; its metrics look finite, NaN scores ranking last) is never
+    # promoted, not even when there is no champion.
+    diverged = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED, "--set", "training.epochs=2",
+                     "--set", "training.learning_rate=1e30")
+    assert not diverged["promoted"] and diverged["model_version"] == "1"
+    assert "diverged" in client.get_model_version(REGISTERED, "1").tags["gate.reason"]
     assert train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)["promoted"]
     shutil.rmtree(tmp_path / "artifacts")  # the champion's files are gone: it can serve nobody
     second = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)
-    assert second["model_version"] == "2" and second["promoted"]
-    assert "champion could not be evaluated" in client.get_model_version(REGISTERED, "2").tags["gate.reason"]
+    assert second["model_version"] == "3" and second["promoted"]
+    assert "champion could not be evaluated" in client.get_model_version(REGISTERED, "3").tags["gate.reason"]
 
     # A run that died after registering its model (say, in the gate) is resumed...
     run_id = second["run_id"]
@@ -345,9 +351,37 @@ def test_gate_survives_an_unusable_champion_and_a_resumed_run_registers_once(
     # ...and registers no second version of itself.
     resumed = train(capsys, gold_root, tmp_path, "--model", "mf", "--resume", run_id, *UNTRAINED,
                     "--set", "training.max_minutes=30")
-    assert resumed["run_id"] == run_id and resumed["model_version"] == "2"
-    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED}'")) == [1, 2]
+    assert resumed["run_id"] == run_id and resumed["model_version"] == "3"
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{REGISTERED}'")) == [1, 2, 3]
     assert client.get_run(run_id).info.status == "FINISHED"
+    # it was promoted before it died: it stays champion, its gate record untouched
+    assert resumed["promoted"] and str(client.get_model_version_by_alias(REGISTERED, "champion").version) == "3"
+    assert "champion could not be evaluated" in client.get_model_version(REGISTERED, "3").tags["gate.reason"]
+    # a version whose files are gone cannot be evaluated: one line, not a Spark task's traceback
+    code, _, err = run_cli(capsys, "evaluate", "--version", "2", "--root", gold_root, *store(tmp_path))
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: cannot load models:/")
+    assert "Traceback" not in err
+
+
+def test_resuming_a_run_that_stopped_early_trains_nothing_more(gold_root: str, tmp_path: Path) -> None:
+    from deltalake import DeltaTable
+
+    from recsys_spark.training.data import TableSlice
+    from recsys_spark.training.loop import TrainJob, train_worker
+
+    path = f"{gold_root}/gold/training_examples"
+    version = DeltaTable(path).version()
+    users = max(DeltaTable(path).to_pyarrow_table(columns=["user_idx"]).column("user_idx").to_pylist()) + 1
+    items = DeltaTable(f"{gold_root}/silver/item_index").to_pyarrow_table().num_rows
+    job = {"spec": ModelSpec(name="mf", num_items=items, num_users=users, max_length=50, hyperparameters={"dim": 8}),
+           **{name: TableSlice(path, version, name) for name in ("train", "validation", "test")},
+           "checkpoint_dir": str(tmp_path / "checkpoint"), "epochs": 100, "patience": 1, "learning_rate": 0.3,
+           "prefetch_batches": 0, "log_level": "WARNING"}
+    first = train_worker(TrainJob(**job))
+    assert first["stopped_early"] and first["epochs_run"] < 100
+    again = train_worker(TrainJob(**job, resume=True))
+    assert (again["epochs_run"], again["best_epoch"], again["test"]) == (first["epochs_run"], first["best_epoch"],
+                                                                          first["test"])
 
 
 def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str, tmp_path: Path, capsys) -> None:
@@ -417,6 +451,7 @@ def _registry_is_empty(tmp_path: Path) -> bool:
 
 
 def test_missing_gold_table_fails_clearly(spark, tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()  # a lakehouse without gold tables (a missing one: see test_cli)
     code, _, err = run_cli(capsys, "train", "--root", str(tmp_path / "empty"), *TINY, *store(tmp_path))
     assert code != 0 and "recsys features" in err
     assert _registry_is_empty(tmp_path)

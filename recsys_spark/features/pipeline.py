@@ -23,6 +23,7 @@ from recsys_spark.constants import (
     BEHAVIOR,
     CATEGORY_ID,
     EVENT_TS,
+    FORMAT_KEY,
     GOLD_ITEM_FEATURES,
     GOLD_USER_SEQUENCES,
     ITEM_ID,
@@ -90,19 +91,26 @@ class FeatureReport:
 
 
 def ingested_formats(lake: Lakehouse, silver_version: int) -> set[str]:
-    """Input formats of the successful ingest runs that made ``silver_version`` (or older):
-    later runs must not change how that version is split, or a rebuild would differ."""
-    if not lake.exists(OPS_INGEST_RUNS):
-        return set()
-    rows = (
-        lake.read(OPS_INGEST_RUNS)
-        .filter(F.col("status") == "succeeded")
-        .filter(F.col("table_versions")[SILVER_EVENTS] <= silver_version)
-        .select("format")
-        .distinct()
-        .collect()
-    )
-    return {r["format"] for r in rows}
+    """Input formats of the ingest runs that made ``silver_version`` (or older): later runs
+    must not change how that version is split, or a rebuild would differ.
+
+    Each silver commit names its format, so the answer does not wait for the run's record in
+    ops/ingest_runs (written last); that record still speaks for commits older than the
+    format in the commit, and for those a vacuum's checkpoint took out of the log.
+    """
+    formats = {meta[FORMAT_KEY] for version, meta in lake.commit_metadata_by_version(SILVER_EVENTS).items()
+               if version <= silver_version and FORMAT_KEY in meta}
+    if lake.exists(OPS_INGEST_RUNS):
+        rows = (
+            lake.read(OPS_INGEST_RUNS)
+            .filter(F.col("status") == "succeeded")
+            .filter(F.col("table_versions")[SILVER_EVENTS] <= silver_version)
+            .select("format")
+            .distinct()
+            .collect()
+        )
+        formats |= {r["format"] for r in rows}
+    return formats
 
 
 def resolve_protocol(settings: FeatureSettings, formats: set[str]) -> SplitProtocol:

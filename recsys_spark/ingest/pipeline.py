@@ -28,7 +28,10 @@ from recsys_spark.config import Settings
 from recsys_spark.constants import (
     BRONZE_EVENTS_RAW,
     DETAIL,
+    EVENT_DATE,
+    EVENT_KEY,
     EVENT_TS,
+    FORMAT_KEY,
     INGEST_DATE,
     INVALID_ENCODING,
     ITEM_ID,
@@ -44,8 +47,6 @@ from recsys_spark.constants import (
     SOURCE_FILE,
     USER_ID,
     USER_IDX,
-    EVENT_DATE,
-    EVENT_KEY,
     InputFormat,
 )
 from recsys_spark.errors import InputDataError
@@ -272,6 +273,7 @@ def _ingest_files(
                 SILVER_EVENTS,
                 partition_by=[EVENT_DATE],
                 idempotency=once,
+                commit_info={FORMAT_KEY: fmt, "ingest_run_id": run_id},  # see features.ingested_formats
             )
     versions[SILVER_EVENTS] = result.version
     rows_clean = result.rows_written
@@ -401,7 +403,11 @@ def _extend_index(
     entries = new_index_entries(clean, index, col_id=col_id, col_idx=col_idx, next_idx=next_idx)
     entries = entries.withColumn(RUN_ID, F.lit(once.app_id))
     result = lake.write(entries, table, idempotency=once)
-    return lake.read(table), result.rows_written or 0
+    index = lake.read(table)
+    added = result.rows_written
+    if added is None:  # committed by an earlier attempt of this run: count what it added
+        added = index.filter(F.col(RUN_ID) == once.app_id).count()
+    return index, added
 
 
 def _ingested_fingerprints(lake: Lakehouse) -> dict[str, int]:

@@ -104,8 +104,8 @@ def apply_rules(
     top = scores.topk(width, dim=1)
     values, indices = top.values.numpy(), top.indices.numpy().astype(np.int64)
     if rules.diversity_lambda > 0:
-        order = _mmr(values, indices, catalogue, rules)
-        values = np.take_along_axis(values, order, 1)
+        order, picked = _mmr(values, indices, catalogue, rules)
+        values = np.where(picked, np.take_along_axis(values, order, 1), -np.inf)
         indices = np.take_along_axis(indices, order, 1)
     values, indices = values[:, : rules.k], indices[:, : rules.k]
     invalid = ~np.isfinite(values)
@@ -114,8 +114,11 @@ def apply_rules(
     return indices, values
 
 
-def _mmr(values: np.ndarray, indices: np.ndarray, catalogue: Catalogue, rules: BusinessRules) -> np.ndarray:
-    """Greedy MMR order of each row's candidates (vectorised over rows), first K positions."""
+def _mmr(
+    values: np.ndarray, indices: np.ndarray, catalogue: Catalogue, rules: BusinessRules
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy MMR order of each row's candidates (vectorised over rows), first K positions, and
+    whether each position holds an eligible candidate (a row may have fewer than K)."""
     rows, width = values.shape
     finite = np.isfinite(values)
     low = np.where(finite, values, np.inf).min(1, keepdims=True)
@@ -126,14 +129,17 @@ def _mmr(values: np.ndarray, indices: np.ndarray, catalogue: Catalogue, rules: B
     chosen = np.zeros((rows, width), dtype=bool)
     max_sim = np.zeros((rows, width))
     order = np.zeros((rows, min(rules.k, width)), dtype=np.int64)
+    picked = np.zeros(order.shape, dtype=bool)
     every = np.arange(rows)
     for step in range(order.shape[1]):
-        gain = np.where(chosen, -np.inf, (1 - lam) * relevance - lam * max_sim)
+        # masked candidates stay -inf whatever λ (at λ = 1, 0 · -inf would be NaN, which argmax takes)
+        gain = np.where(chosen | ~finite, -np.inf, (1 - lam) * np.where(finite, relevance, 0) - lam * max_sim)
         pick = gain.argmax(1)
         order[:, step] = pick
+        picked[:, step] = np.isfinite(gain[every, pick])  # else every eligible one is taken
         chosen[every, pick] = True
         max_sim = np.maximum(max_sim, similarity[every, pick])
-    return order
+    return order, picked
 
 
 def _similarity(indices: np.ndarray, catalogue: Catalogue, by: str) -> np.ndarray:

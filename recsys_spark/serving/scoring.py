@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class RankedLists:
     items: list[list[int]]  # raw item ids, best first
     scores: list[list[float]]
     diversity: np.ndarray
-    fallback: np.ndarray  # bool: ranked by popularity, the champion knowing nothing of the history
+    fallback: np.ndarray  # bool: ranked by popularity, the champion knowing nothing of the user
 
     def model_names(self, champion: str) -> list[str]:
         return [POPULARITY_FALLBACK if f else champion for f in self.fallback]
@@ -140,9 +141,9 @@ class RuleScorer:
     def recommend(self, histories: list[np.ndarray], users: np.ndarray, bought: list[np.ndarray]) -> RankedLists:
         """Histories and purchases as item indices (oldest first) -> ranked raw ids.
 
-        Where the champion's scores do not vary over the catalogue (a sequence model given only
-        items it was not trained on, a user model given an unknown user) its order would be item
-        index order; such users are ranked by popularity instead, under the same rules."""
+        Users the champion knows nothing about (a sequence model given only items it was not
+        trained on, a user model an unknown user) would get item index or item bias order; they
+        are ranked by popularity instead, under the same rules."""
         model = self.champion.model
         length = model.spec.max_length
         # Items indexed after the champion was trained (the dictionary only grows) are unknown
@@ -158,7 +159,7 @@ class RuleScorer:
         batch = EvalBatch(users=torch.from_numpy(known_users.astype(np.int64)), inputs=tensor, behaviors=zeros,
                           gaps=zeros, targets=empty, seen=empty)
         scores = model.score_batch(batch)
-        fallback = (scores.amax(1) == scores.amin(1)).numpy() & (self.catalogue.popularity is not None)
+        fallback = model.uninformed(batch) & (self.catalogue.popularity is not None)
         if fallback.any():
             scores[torch.from_numpy(fallback)] = torch.from_numpy(self._popularity_ranks).to(scores.dtype)
         indices, values = apply_rules(scores, bought, self.catalogue, self.rules)
@@ -255,6 +256,9 @@ def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) ->
         "item_embeddings_version": embeddings_version,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if stats["users"] and not stats["mean_k"]:
+        log_event(log, "score_batch.empty_lists", level=logging.WARNING, users=stats["users"],
+                  hint="the business rules leave no item: check serving.category_allow / category_deny")
     log_event(log, "score_batch.done", **report)
     return report
 

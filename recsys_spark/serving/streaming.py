@@ -337,20 +337,25 @@ class NearlineSink:
         return len(touched)
 
     def _histories(self, users: list[int]) -> dict[int, UserHistory]:
-        """Current state of ``users``; a user new to the stream starts from their gold sequence."""
+        """Current state of ``users``; a user new to the stream starts from their gold sequence.
+        Purchases that reached gold after the user's state began (a batch ingest) join its
+        bought set, so nearline never offers them again."""
         found: dict[int, UserHistory] = {}
         state = _read_rows(self.lake.path(SERVING_USER_STATE), users)
         if state is not None:
             for row in state.to_pylist():
                 found[row[USER_ID]] = UserHistory(row["item_ids"], row["behaviors"], row["event_ts"],
                                                   set(row["bought"]))
-        missing = [u for u in users if u not in found]
-        sequences = _read_rows(self.lake.path(GOLD_USER_SEQUENCES), missing) if missing else None
+        sequences = _read_rows(self.lake.path(GOLD_USER_SEQUENCES), users)
         if sequences is not None and sequences.num_rows:
             self.items.refresh()
             for row in sequences.to_pylist():
-                found[row[USER_ID]] = self._from_sequence(row)
-        for user in missing:
+                gold = self._from_sequence(row)
+                if row[USER_ID] in found:
+                    found[row[USER_ID]].bought |= gold.bought
+                else:
+                    found[row[USER_ID]] = gold
+        for user in users:
             found.setdefault(user, UserHistory([], [], [], set()))
         return found
 

@@ -207,7 +207,14 @@ class Lakehouse:
 
     def commit_metadata(self, table: str, version: int) -> dict[str, str]:
         """Key/values recorded with ``commit_info`` in that version's commit."""
-        return self.engine.commit_metadata(self._existing(table), version)
+        every = self.commit_metadata_by_version(table)
+        if version not in every:
+            raise TableNotFoundError(f"table {table} has no version {version}")
+        return every[version]
+
+    def commit_metadata_by_version(self, table: str) -> dict[int, dict[str, str]]:
+        """Version -> ``commit_metadata`` of every commit still in the table's log."""
+        return self.engine.commit_metadata(self._existing(table))
 
     def optimize(self, table: str) -> dict[str, Any]:
         """Compact small files into larger ones (a data-preserving commit)."""

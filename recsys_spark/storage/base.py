@@ -113,7 +113,8 @@ class TableEngine(ABC):
     def history(self, path: str, limit: int | None = None) -> list[dict[str, Any]]: ...
 
     @abstractmethod
-    def commit_metadata(self, path: str, version: int) -> dict[str, str]: ...
+    def commit_metadata(self, path: str) -> dict[int, dict[str, str]]:
+        """Version -> the key/values its commit recorded with ``commit_info``."""
 
     @abstractmethod
     def optimize(self, path: str) -> dict[str, Any]: ...

@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,12 +97,10 @@ class DeltaRsEngine(TableEngine):
     def history(self, path: str, limit: int | None = None) -> list[dict[str, Any]]:
         return self._open(path).history(limit)
 
-    def commit_metadata(self, path: str, version: int) -> dict[str, str]:
-        for commit in self._open(path).history():
-            if commit.get("version") == version:
-                # delta-rs puts custom commit metadata beside the standard commitInfo fields
-                return {k: str(v) for k, v in commit.items() if k not in _COMMIT_INFO_FIELDS}
-        raise TableNotFoundError(f"table {path} has no version {version}")
+    def commit_metadata(self, path: str) -> dict[int, dict[str, str]]:
+        # delta-rs puts custom commit metadata beside the standard commitInfo fields
+        return {int(commit["version"]): {k: str(v) for k, v in commit.items() if k not in _COMMIT_INFO_FIELDS}
+                for commit in self._open(path).history() if "version" in commit}
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -126,7 +124,7 @@ class DeltaRsEngine(TableEngine):
                 "storage.engine=delta-spark"
             )
         schema = spark_schema(table)
-        files = table.file_uris()
+        files = data_files(table)
         if version is not None or timestamp is not None:
             _check_files_exist(path, table.version(), files)
         if not files:
@@ -316,6 +314,21 @@ class DeltaRsEngine(TableEngine):
             if not DeltaTable.is_deltatable(path):
                 raise TableNotFoundError(f"no Delta table at {path}") from exc
             raise
+
+
+def data_files(table: DeltaTable, **pruning: Any) -> list[str]:
+    """Paths of the table's data files (``pruning``: ``file_uris``' keyword arguments).
+
+    delta-rs spells a local table's files with the table folder percent-encoded ("/my%20lake/..")
+    but the rest as on disk; Spark and pyarrow take that literally. Such paths get the folder's
+    real name back; remote URIs are left as they are.
+    """
+    uris = table.file_uris(**pruning)
+    location = urlparse(table.table_uri)
+    if location.scheme != "file" or unquote(location.path) == location.path:
+        return uris
+    encoded, plain = location.path.rstrip("/") + "/", unquote(location.path).rstrip("/") + "/"
+    return [plain + uri[len(encoded):] if uri.startswith(encoded) else uri for uri in uris]
 
 
 def _check_files_exist(path: str, version: int, files: Sequence[str]) -> None:

@@ -70,11 +70,9 @@ class DeltaSparkEngine(TableEngine):
         rows = self._table(path).history(limit) if limit else self._table(path).history()
         return [row.asDict(recursive=True) for row in rows.collect()]
 
-    def commit_metadata(self, path: str, version: int) -> dict[str, str]:
-        rows = self._table(path).history().filter(f"version = {int(version)}").collect()
-        if not rows:
-            raise TableNotFoundError(f"table {path} has no version {version}")
-        return json.loads(rows[0]["userMetadata"] or "{}")
+    def commit_metadata(self, path: str) -> dict[int, dict[str, str]]:
+        rows = self._table(path).history().select("version", "userMetadata").collect()
+        return {int(row["version"]): json.loads(row["userMetadata"] or "{}") for row in rows}
 
     def read(
         self, path: str, *, version: int | None = None, timestamp: datetime | None = None

@@ -34,6 +34,7 @@ from deltalake import DeltaTable
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys_spark.constants import SPLIT
+from recsys_spark.storage.delta_rs import data_files
 
 T = TypeVar("T")
 
@@ -69,7 +70,7 @@ def _units(source: TableSlice) -> list[_Unit]:
     """
     table = DeltaTable(source.path, version=source.version)
     units = []
-    for uri in sorted(table.file_uris(file_pruning_predicate=[(SPLIT, "=", source.split)])):
+    for uri in sorted(data_files(table, file_pruning_predicate=[(SPLIT, "=", source.split)])):
         filesystem, path = pafs.FileSystem.from_uri(uri)
         with filesystem.open_input_file(path) as handle:
             metadata = pq.ParquetFile(handle).metadata

@@ -203,9 +203,10 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                            shuffle=True, seed=job.seed, buffer_rows=job.buffer_rows, rank=rank.rank,
                            world_size=rank.world, bucket_by="history_items")
     collate = partial(sequence_batch, max_length=job.spec.max_length)
-    stopped_early = False
     deadline = None if job.max_minutes is None else time.monotonic() + 60 * job.max_minutes
-    while state.epoch < job.epochs:
+    # The patience test heads the loop: a resumed run that had already stopped early trains no
+    # further epoch (its best model may already be registered).
+    while state.epoch < job.epochs and state.waited < job.patience:
         started = time.perf_counter()
         batches.set_epoch(state.epoch)
         trainer.train()
@@ -249,9 +250,6 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                       validation_seconds=round(record["validation_seconds"], 1))
         if rank.world > 1:
             dist.barrier()  # checkpoints are on disk before any rank moves on
-        if state.waited >= job.patience:
-            stopped_early = True
-            break
         # every rank must take the same decision, or the others would wait in a collective forever
         if deadline is not None and _all_sum(np.array([float(time.monotonic() >= deadline)]), rank)[0] > 0:
             if rank.leader:
@@ -269,7 +267,7 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
         "validation": {k[4:]: v for k, v in best_validation.items() if k.startswith("val_")},
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
-        "stopped_early": stopped_early,
+        "stopped_early": state.waited >= job.patience,
         "history": state.history,
         "best_state_path": str(folder / BEST),
         "world_size": rank.world,

@@ -122,6 +122,13 @@ class RecommenderModel(PythonModel):
         with torch.no_grad():
             return self.task.scores(self.model, batch)
 
+    def uninformed(self, batch: EvalBatch) -> np.ndarray:
+        """(B,) rows this model knows nothing about: no known item in the history, or for a
+        user model an unknown user. Its scores there rank by item index or bias, not by user."""
+        if self.task.personalised_by == "user":
+            return (batch.users < 0).numpy()
+        return (batch.inputs == 0).all(1).numpy()
+
     def item_embeddings(self) -> np.ndarray:
         """(I, D) item vectors of this model (row i = item index i)."""
         with torch.no_grad():
@@ -155,7 +162,7 @@ class RecommenderModel(PythonModel):
                           gaps=torch.zeros_like(torch.from_numpy(inputs)),
                           targets=torch.full((len(histories), 1), -1), seen=torch.from_numpy(seen))
         scores = self.score_batch(batch)
-        uninformed = scores.amax(1) == scores.amin(1)  # nothing known of the user: not index order
+        uninformed = torch.from_numpy(self.uninformed(batch))
         if self.popularity is not None and bool(uninformed.any()):
             scores[uninformed] = torch.from_numpy(self.popularity)
         rows, cols = np.nonzero(seen >= 0)

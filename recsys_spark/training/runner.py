@@ -371,21 +371,7 @@ def _train_and_register(
     version = (_registered_version(client, settings, run_id) if resume else None) or _log_models(
         lake, settings, client, run_id, spec, data, Path(result["best_state_path"]))
     gate = settings.evaluation.gate_metric
-    champion = alias_version(client, settings.mlflow.registered_model, CHAMPION)
-    champion_value = champion_error = None
-    if champion is not None:
-        try:
-            champion_value = evaluate_registered(
-                model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
-                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
-                batch_size=settings.evaluation.batch_size)[gate]
-        except Exception as exc:  # a champion that cannot be loaded serves nobody either
-            champion_error = f"{type(exc).__name__}: {exc}"[:500]
-            log_event(log, "train.champion_unusable", level=logging.WARNING, version=str(champion.version),
-                      error=champion_error)
-    eval_set = f"{GOLD_TRAINING_EXAMPLES}@v{data.version}/{TEST}"
-    promoted = record_gate(client, settings, version, result["test"][gate], champion, champion_value, eval_set,
-                           champion_error=champion_error)
+    promoted, champion, champion_value = _gate(client, settings, data, run_id, version, result)
     client.set_tag(run_id, "recsys.model_version", version)
     client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
     log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted,
@@ -398,6 +384,45 @@ def _train_and_register(
         champion_value=champion_value, gate_metric=gate, world_size=result["world_size"], seconds=0.0,
         data=data_record,
     )
+
+
+def _gate(
+    client: MlflowClient, settings: Settings, data: TrainingData, run_id: str, version: str, result: dict[str, Any]
+) -> tuple[bool, Any, float | None]:
+    """Evaluate the champion on the same test rows and let ``record_gate`` decide; returns
+    (promoted, the champion before, its value)."""
+    name, gate = settings.mlflow.registered_model, settings.evaluation.gate_metric
+    champion = alias_version(client, name, CHAMPION)
+    recorded = client.get_model_version(name, version).tags
+    if "gate.decision" in recorded:  # a resumed run whose model was gated before the run died
+        value = recorded.get("gate.champion_value")
+        promoted = champion is not None and str(champion.version) == version
+        return promoted, champion, float(value) if value else None
+    champion_value = champion_error = None
+    if champion is not None:
+        try:
+            champion_value = evaluate_registered(
+                model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
+                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
+                batch_size=settings.evaluation.batch_size)[gate]
+        except Exception as exc:  # a champion that cannot be loaded serves nobody either
+            champion_error = f"{type(exc).__name__}: {exc}"[:500]
+            log_event(log, "train.champion_unusable", level=logging.WARNING, version=str(champion.version),
+                      error=champion_error)
+    challenger_value = result["test"][gate]
+    if not _finite_weights(Path(result["best_state_path"])):
+        # Metrics treat NaN scores as the worst rank, so a diverged model still has finite ones.
+        challenger_value = float("nan")
+        log_event(log, "train.diverged", level=logging.WARNING, run_id=run_id, version=version)
+    eval_set = f"{GOLD_TRAINING_EXAMPLES}@v{data.version}/{TEST}"
+    promoted = record_gate(client, settings, version, challenger_value, champion, champion_value, eval_set,
+                           champion_error=champion_error)
+    return promoted, champion, champion_value
+
+
+def _finite_weights(state_path: Path) -> bool:
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def _registered_version(client: MlflowClient, settings: Settings, run_id: str) -> str | None:

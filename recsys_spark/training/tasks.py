@@ -61,6 +61,8 @@ class LossOptions:
 
 class Task(Protocol):
     name: str
+    # What a prediction is personalised by: the item history (sequence models) or the user.
+    personalised_by: Literal["history", "user"]
 
     def build(self, spec: ModelSpec) -> nn.Module: ...
 
@@ -85,6 +87,7 @@ class SASRecTask:
     with softmax cross-entropy instead of the paper's one-negative BCE)."""
 
     name = "sasrec"
+    personalised_by = "history"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         return SASRec(SASRecConfig(num_items=spec.num_items, max_length=spec.max_length, **spec.hyperparameters))
@@ -106,6 +109,7 @@ class TwoTowerTask:
     positive; the batch's other positives are the negatives (log-Q corrected)."""
 
     name = "two_tower"
+    personalised_by = "history"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         model = TwoTower(TwoTowerConfig(num_items=spec.num_items, num_categories=spec.num_categories,
@@ -136,6 +140,7 @@ class MFTask:
     """Every (user, item) of the training sequences is a positive; softmax over items."""
 
     name = "mf"
+    personalised_by = "user"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         return MatrixFactorization(MFConfig(num_users=spec.num_users, num_items=spec.num_items,
