@@ -331,22 +331,26 @@ def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     assert "invalid choice: 'csv'" in capsys.readouterr().err
 
 
+def crashed_ingest(capsys, monkeypatch, settings, fmt: str, path: Path, *, crash_before: str) -> None:
+    """An ingest that dies as it is about to write ``crash_before``."""
+    real_write = Lakehouse.write
+
+    def crash(self, df, table, **kwargs):
+        if table == crash_before:
+            raise RuntimeError(f"simulated crash before writing {table}")
+        return real_write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lakehouse, "write", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(capsys, "ingest", "--format", fmt, "--input", str(path), "--root", settings.root, *QUIET)
+    monkeypatch.setattr(Lakehouse, "write", real_write)
+
+
 def test_crash_between_tables_resumes_without_duplicates(
     spark, lake: Lakehouse, settings, capsys, taobao_log, monkeypatch
 ) -> None:
-    real_write = Lakehouse.write
-
-    def crash_on_silver(self, df, table, **kwargs):
-        if table == SILVER_EVENTS:
-            raise RuntimeError("simulated crash before the silver commit")
-        return real_write(self, df, table, **kwargs)
-
-    monkeypatch.setattr(Lakehouse, "write", crash_on_silver)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(capsys, "ingest", "--format", "taobao", "--input", str(taobao_log),
-                "--root", settings.root, *QUIET)
+    crashed_ingest(capsys, monkeypatch, settings, "taobao", taobao_log, crash_before=SILVER_EVENTS)
     assert lake.exists(BRONZE_EVENTS_RAW) and not lake.exists(SILVER_EVENTS)
-    monkeypatch.setattr(Lakehouse, "write", real_write)
 
     report = ingest(capsys, Path(settings.root), "taobao", taobao_log)
     assert_reconciles(report)
@@ -363,17 +367,7 @@ def test_crash_before_the_run_record_changes_neither_features_nor_counts(
     # Silver is committed, the ops/ingest_runs record (written last) is not.
     seqs = tmp_path / "seq.txt"
     seqs.write_text("".join(f"{u} " + " ".join(str(u * 7 % 13 + k) for k in range(6)) + "\n" for u in range(1, 30)))
-    real_write = Lakehouse.write
-
-    def crash_on_record(self, df, table, **kwargs):
-        if table == OPS_INGEST_RUNS:
-            raise RuntimeError("simulated crash before the run record")
-        return real_write(self, df, table, **kwargs)
-
-    monkeypatch.setattr(Lakehouse, "write", crash_on_record)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(capsys, "ingest", "--format", "sequences", "--input", str(seqs), "--root", settings.root, *QUIET)
-    monkeypatch.setattr(Lakehouse, "write", real_write)
+    crashed_ingest(capsys, monkeypatch, settings, "sequences", seqs, crash_before=OPS_INGEST_RUNS)
     assert lake.exists(SILVER_EVENTS) and not lake.exists(OPS_INGEST_RUNS)
     # the silver version is what it is: split as sequences are, record or not
     code, features, err = run_cli(capsys, "features", "--root", settings.root, "--json", *QUIET)
