@@ -89,14 +89,17 @@ def test_sequences_match_reference(seed: int, collapse: bool) -> None:
     if collapse:
         events = kernels.collapse_repeats(events)
     got = kernels.user_sequences(events, max_length=4).to_pylist()
-    for row, history in zip(got, reference_histories(batch, collapse).values(), strict=True):
+    every = reference_histories(batch, collapse=False).values()
+    for row, history, raw in zip(got, reference_histories(batch, collapse).values(), every, strict=True):
         recent = history[-4:]
         assert row["bought_items"] == list(dict.fromkeys(e["item"] for e in history if e["behavior"] == 4))
         assert row["items"] == [e["item"] for e in recent]
         assert row["behaviors"] == [e["behavior"] for e in recent]
         assert row["gaps"] == gaps(recent)
         assert row["length"] == len(recent)
-        assert (row["last_event_ts"] - EPOCH) // timedelta(microseconds=1) == recent[-1]["ts"]
+        assert (row["last_step_ts"] - EPOCH) // timedelta(microseconds=1) == recent[-1]["ts"]
+        # the user's last event, even when the last step is a run collapsed to its first time
+        assert (row["last_event_ts"] - EPOCH) // timedelta(microseconds=1) == raw[-1]["ts"]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -12,7 +12,7 @@ A batch is grouped into ``UserEvents``: per-user ``offsets`` into flat arrays so
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -49,10 +49,21 @@ class UserEvents:
     item: np.ndarray  # (N,) int32
     behavior: np.ndarray  # (N,) int8, codes of BEHAVIOR_CODES
     category: np.ndarray  # (N,) int64, NO_CATEGORY when unknown
+    # (U,) time of each user's last event before ``collapse_repeats`` (whose steps keep a run's
+    # first time), 0 for users without events; None: the last of ``ts``.
+    collapsed_from_last_ts: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
         return len(self.user_idx)
+
+    @property
+    def last_ts(self) -> np.ndarray:
+        """(U,) time of each user's last event (0 when none), collapsed steps included."""
+        if self.collapsed_from_last_ts is not None:
+            return self.collapsed_from_last_ts
+        ends = self.offsets[1:]
+        return np.where(ends > self.offsets[:-1], self.ts[np.maximum(ends - 1, 0)] if len(self.ts) else 0, 0)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -122,7 +133,7 @@ def collapse_repeats(events: UserEvents) -> UserEvents:
     keep[1:] |= events.item[1:] != events.item[:-1]
     runs = np.flatnonzero(keep)
     strongest = np.maximum.reduceat(events.behavior, runs) if len(runs) else None
-    return _subset(events, keep, behavior=strongest)
+    return replace(_subset(events, keep, behavior=strongest), collapsed_from_last_ts=events.last_ts)
 
 
 def _subset(events: UserEvents, keep: np.ndarray, behavior: np.ndarray | None = None) -> UserEvents:
@@ -240,6 +251,7 @@ USER_SEQUENCES_SCHEMA = pa.schema(
         pa.field("behaviors", pa.list_(pa.int8())),
         pa.field("gaps", pa.list_(pa.int32())),
         pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
+        pa.field("last_step_ts", pa.timestamp("us", tz="UTC")),  # the gaps count back from it
         pa.field("length", pa.int32()),
         pa.field("bought_items", pa.list_(pa.int32())),
     ]
@@ -260,8 +272,9 @@ EXAMPLES_SCHEMA = pa.schema(
 
 def user_sequences(events: UserEvents, *, max_length: int) -> pa.RecordBatch:
     """Each user's most recent ``max_length`` events: items, behaviour codes, gaps in seconds
-    (0 for the first kept event) and the time of the last one; and every item the user bought
-    (not only in that window: a user's first nearline list must not offer them again)."""
+    (0 for the first kept event), the time of the last step and of the user's last event (later
+    when the last step is a collapsed run); and every item the user bought (not only in that
+    window: a user's first nearline list must not offer them again)."""
     ends = events.offsets[1:]
     starts = np.maximum(events.offsets[:-1], ends - max_length)
     items, behaviors, gaps, end_ts = _windows(events, starts, ends)
@@ -274,6 +287,7 @@ def user_sequences(events: UserEvents, *, max_length: int) -> pa.RecordBatch:
             items,
             behaviors,
             gaps,
+            _timestamps(events.last_ts, mask=ends == starts),
             end_ts,
             pa.array((ends - starts).astype(np.int32)),
             _lists(bought_lengths, bought, pa.int32()),

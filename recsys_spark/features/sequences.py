@@ -116,8 +116,9 @@ def user_sequences_table(*, max_length: int, collapse_repeats: bool) -> UserTabl
     """``gold/user_sequences``: each user's most recent ``max_length`` events (model input).
 
     Columns: user_idx, user_id, items, behaviors (codes), gaps (seconds since the previous
-    event, 0 first), last_event_ts, length. With ``collapse_repeats`` consecutive events on one
-    item count once.
+    event, 0 first), last_event_ts (the user's last event), last_step_ts (the last step's time,
+    which the gaps count back from), length, bought_items. With ``collapse_repeats`` consecutive
+    events on one item count once, at the first one's time.
     """
     kernel = partial(kernels.user_sequences, max_length=max_length)
     return UserTable(GOLD_USER_SEQUENCES, kernels.USER_SEQUENCES_SCHEMA, kernel, collapse=collapse_repeats)

@@ -364,7 +364,7 @@ class NearlineSink:
         behaviors = [BEHAVIORS[code - 1] for code in row["behaviors"]]
         # gaps[j] = ts[j] - ts[j-1]: walk back from the last event's time
         after = np.concatenate([np.cumsum(np.asarray(row["gaps"][:0:-1], dtype=np.int64))[::-1], [0]])
-        last = row["last_event_ts"]
+        last = row.get("last_step_ts") or row["last_event_ts"]  # tables built before it: the same
         times = [datetime.fromtimestamp(last.timestamp() - float(s), UTC) for s in after]
         bought = {item for item, behavior in zip(items, behaviors, strict=True) if behavior == "buy"}
         if row.get("bought_items") is not None:  # every purchase, not only the window's
