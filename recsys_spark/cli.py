@@ -155,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.handler(args, settings)
     except RecsysError as exc:
         # One line, whatever a wrapped library put in its message (delta-rs: a "Help:" line).
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        if args.json:  # a scheduler reading the last stdout line learns why, too
+            print(json.dumps({"error": message, "exit_code": exc.exit_code}))
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
