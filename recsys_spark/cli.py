@@ -147,8 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose list of names may also follow their options ("maintain a --vacuum b"), which
+# argparse alone refuses once subcommands are involved.
+_TRAILING_NAMES = {"maintain": "tables", "baselines": "names"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in _TRAILING_NAMES or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, _TRAILING_NAMES[args.command]).extend(extra)
     try:
         settings = load_settings(args.config, overrides=args.set, root=args.root)
         configure_logging(settings.logging.level, settings.logging.format)
@@ -321,6 +331,9 @@ def _maintain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         check_table_name(name)  # before Spark starts
     _, lake = _session(settings)
     names = args.tables or [t.name for t in lake.tables()]
+    missing = [name for name in names if not lake.exists(name)]
+    if missing:  # before touching any table
+        raise RecsysError(f"no table {', '.join(missing)} under {settings.root}")
     done: dict[str, dict[str, Any]] = {}
     for name in names:
         entry: dict[str, Any] = {}

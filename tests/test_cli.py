@@ -77,6 +77,8 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
         ("history", "events"),  # not <layer>/<name>: refused before Spark starts
         ("maintain", "silver/events", "../x", "--vacuum"),
         ("maintain", "silver/events"),  # neither --optimize nor --vacuum
+        ("maintain", "silver/events", "--vacuum", "../x"),  # names after the options are checked too
+        ("config", "extra"),
         ("baselines", "nope"),
         ("no-such-command",),
     ],

@@ -324,6 +324,21 @@ def test_many_files_are_read_together_and_keep_their_names(spark, lake: Lakehous
     assert got == {(i, str(drop / f"day={i % 3}" / name)) for i, name in enumerate(names)}
 
 
+def test_maintain_takes_names_anywhere_and_checks_them_all_first(
+    spark, lake: Lakehouse, settings, capsys, taobao_log
+) -> None:
+    ingest(capsys, Path(settings.root), "taobao", taobao_log)
+    before = lake.version(SILVER_EVENTS)
+    code, _, err = run_cli(capsys, "maintain", SILVER_EVENTS, "--optimize", "gold/none", "--root", settings.root,
+                           *QUIET)
+    assert code == 1 and "no table gold/none" in err
+    assert lake.version(SILVER_EVENTS) == before  # nothing done before the mistake was found
+    code, result, err = run_cli(capsys, "maintain", SILVER_EVENTS, "--optimize", SILVER_USER_INDEX, "--json",
+                                "--root", settings.root, *QUIET)
+    assert code == 0, err
+    assert set(result["tables"]) == {SILVER_EVENTS, SILVER_USER_INDEX}
+
+
 def test_wrong_format_is_refused_by_the_cli(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(capsys, "ingest", "--format", "csv", "--input", str(tmp_path))
