@@ -377,6 +377,7 @@ def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _require_lakehouse(settings)  # before the tracking store is created in it
     from pyspark.sql import functions as F
 
     from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, SPLIT
@@ -417,6 +418,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _require_lakehouse(settings)  # before the tracking store is created in it
     from recsys_spark.tracking import connect, promote
 
     promote(connect(settings), settings, args.version, reason=args.reason)
@@ -425,6 +427,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _require_lakehouse(settings)  # before the tracking store is created in it
     import subprocess
 
     from recsys_spark.tracking import tracking_uri

@@ -110,7 +110,7 @@ def test_root_that_cannot_be_created_is_one_line_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [("tables",), ("history", "silver/events"), ("recommend", "--user", "1"),
-                                  ("maintain", "--vacuum")])
+                                  ("maintain", "--vacuum"), ("evaluate",), ("promote", "--version", "1"), ("ui",)])
 def test_a_mistyped_root_fails_instead_of_becoming_an_empty_lakehouse(argv: tuple[str, ...], tmp_path: Path) -> None:
     result = run(str(RECSYS), *argv, "--root", str(tmp_path / "typo"), "--json")
     message = f"no lakehouse at {tmp_path / 'typo'}: check --root, or run `recsys ingest` first"

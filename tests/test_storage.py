@@ -290,7 +290,7 @@ def test_engine_resolution_here(spark) -> None:
 def test_delta_spark_and_delta_rs_read_each_others_tables(spark, tmp_path: Path) -> None:
     if not delta_spark_loaded(spark):
         pytest.skip(
-            "Delta's jars (io.delta:delta-spark_2.13) are not on Spark's classpath; Maven is "
+            "Delta's jars (io.delta:delta-spark_4.2_2.13) are not on Spark's classpath; Maven is "
             "unreachable here, so the delta-spark engine cannot run on this machine"
         )
     from recsys_spark.storage.delta_rs import DeltaRsEngine

@@ -328,7 +328,7 @@ def resolve_engine(spark: SparkSession, requested: str) -> TableEngine:
     if requested == "delta-spark" and not loaded:
         raise EngineUnavailableError(
             "storage.engine is delta-spark but Delta's jars are not on Spark's classpath; add "
-            "them (spark-submit --packages io.delta:delta-spark_2.13:<version>) or use "
+            "them (spark-submit --packages io.delta:delta-spark_4.2_2.13:<version>) or use "
             "storage.engine=delta-rs"
         )
     if loaded:

@@ -1,7 +1,7 @@
 """Delta tables through Delta Lake's own Spark integration (``delta-spark``): the cluster engine.
 
 Used when Delta's jars are on Spark's classpath (``spark-submit --packages
-io.delta:delta-spark_2.13:<version>`` or jars baked into the image). Every operation is Delta's
+io.delta:delta-spark_4.2_2.13:<version>`` or jars baked into the image). Every operation is Delta's
 native one, so writes and MERGEs run fully distributed. The session factory sets Delta's default
 table properties so new tables have deletion vectors disabled and the delta-rs engine can read
 them too.
