@@ -46,10 +46,16 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage mistakes print one line, like every other user error (exit code 2, as argparse)."""
+    """Usage mistakes print one line, like every other user error (exit code 2, as argparse),
+    and with --json the error object too (the command line is not parsed yet, hence the flag)."""
+
+    json_requested = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+        line = f"{message} (see: {self.prog} --help)"
+        if _Parser.json_requested:
+            print(json.dumps({"error": line, "exit_code": 2}))
+        self.exit(2, f"error: {line}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +159,8 @@ _TRAILING_NAMES = {"maintain": "tables", "baselines": "names"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_requested = "--json" in argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -89,6 +89,8 @@ def test_usage_mistakes_are_one_line_errors(argv: tuple[str, ...], tmp_path: Pat
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and "_int" not in line
     assert not list(tmp_path.iterdir())
+    with_json = run(str(RECSYS), *argv, "--json", cwd=tmp_path)
+    assert json.loads(with_json.stdout.strip().splitlines()[-1])["exit_code"] == 2
 
 
 def test_generate_into_a_folder_is_one_line_error(tmp_path: Path) -> None:

@@ -211,14 +211,22 @@ def test_score_batch_leaves_out_items_newer_than_the_champion(served, tmp_path, 
     root = str(tmp_path / "lake")
     shutil.copytree(served["pristine"], root)
     users = _table(root, "gold/user_sequences").column("user_id").to_pylist()[:5]
-    last = max(e.timestamp() for e in _table(root, "silver/events").column("event_ts").to_pylist())
+    times = [e.timestamp() for e in _table(root, "silver/events").column("event_ts").to_pylist()]
+    first, last = int(min(times)), int(max(times))
     newcomer = 800_000  # a new user who has seen only new items: nothing the champion knows
     new = tmp_path / "new.csv"
-    new.write_text("".join(f"{u},{900_000 + k},1,pv,{int(last) + 60 * k}\n" for k, u in enumerate(users))
-                   + f"{newcomer},900001,1,pv,{int(last)}\n{newcomer},900002,1,buy,{int(last) + 1}\n")
+    everyone = _table(root, "gold/user_sequences").column("user_id").to_pylist()
+    # a new item early in everyone's history, so evaluation meets new items in its inputs too
+    new.write_text("".join(f"{u},{900_000 + k},1,pv,{first + 60 * k}\n" for k, u in enumerate(users))
+                   + "".join(f"{u},900100,1,pv,{first + 7}\n" for u in everyone)
+                   + f"{newcomer},900001,1,pv,{last}\n{newcomer},900002,1,buy,{last + 1}\n")
     for argv in (("ingest", "--format", "taobao", "--input", str(new)), ("features",), ("score-batch",)):
         code, _, err = run_cli(capsys, *argv, "--root", root, *QUIET)
         assert code == 0, err[-2000:]
+    # the champion is still evaluated on the grown catalogue (a gate depends on it)
+    code, evaluated, err = run_cli(capsys, "evaluate", "--version", "1", "--root", root, "--json", *QUIET)
+    assert code == 0, err[-2000:]
+    assert evaluated["ndcg@10"] > 0
     recs = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
     assert set(users) <= set(recs) and recs[users[0]]["model_name"] == "sasrec"
     assert not any(i >= 900_000 for r in recs.values() for i in r["item_ids"])

@@ -79,8 +79,7 @@ def load_registered(model_uri: str, tracking_uri: str) -> Any:
 
 
 def evaluate_registered(
-    model_uri: str,
-    tracking_uri: str,
+    model: Any,
     source: TableSlice,
     *,
     num_items: int,
@@ -88,7 +87,7 @@ def evaluate_registered(
     mask_seen: bool,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    model = load_registered(model_uri, tracking_uri)
+    """Metrics of a ``RecommenderModel`` (see ``load_registered``) on ``source``, in process."""
     sums = evaluate_scorer(model.score_batch, source, num_items=num_items, max_length=model.spec.max_length,
                            ks=ks, mask_seen=mask_seen, batch_size=batch_size)
     return sums.means()

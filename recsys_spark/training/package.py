@@ -18,6 +18,7 @@ architecture is JSON; the id dictionaries are Parquet.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,14 +121,24 @@ class RecommenderModel(PythonModel):
     def score_batch(self, batch: EvalBatch) -> torch.Tensor:
         """(B, I) scores over this model's catalogue (item indices 0..I-1)."""
         with torch.no_grad():
-            return self.task.scores(self.model, batch)
+            return self.task.scores(self.model, self._known(batch))
 
     def uninformed(self, batch: EvalBatch) -> np.ndarray:
         """(B,) rows this model knows nothing about: no known item in the history, or for a
         user model an unknown user. Its scores there rank by item index or bias, not by user."""
+        batch = self._known(batch)
         if self.task.personalised_by == "user":
             return (batch.users < 0).numpy()
         return (batch.inputs == 0).all(1).numpy()
+
+    def _known(self, batch: EvalBatch) -> EvalBatch:
+        """``batch`` with items and users indexed after this model was trained (the dictionaries
+        only grow) made padding and unknown: an older champion is still evaluated and served."""
+        unknown_item = batch.inputs > self.spec.num_items  # inputs are item indices + 1
+        return replace(batch, inputs=batch.inputs.masked_fill(unknown_item, 0),
+                       behaviors=batch.behaviors.masked_fill(unknown_item, 0),
+                       gaps=batch.gaps.masked_fill(unknown_item, 0),
+                       users=batch.users.masked_fill(batch.users >= self.spec.num_users, -1))
 
     def item_embeddings(self) -> np.ndarray:
         """(I, D) item vectors of this model (row i = item index i)."""

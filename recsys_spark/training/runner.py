@@ -40,7 +40,7 @@ from recsys_spark.constants import (
     VALIDATION,
 )
 from recsys_spark.errors import ConfigError, InputDataError, RecsysError, TableNotFoundError
-from recsys_spark.evaluation.evaluate import evaluate_registered
+from recsys_spark.evaluation.evaluate import evaluate_registered, load_registered
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.spark import work_dir
 from recsys_spark.storage import Lakehouse
@@ -401,14 +401,15 @@ def _gate(
     champion_value = champion_error = None
     if champion is not None:
         try:
-            champion_value = evaluate_registered(
-                model_uri(settings, version=champion.version), tracking_uri(settings), data.slice(TEST),
-                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
-                batch_size=settings.evaluation.batch_size)[gate]
+            loaded = load_registered(model_uri(settings, version=champion.version), tracking_uri(settings))
         except Exception as exc:  # a champion that cannot be loaded serves nobody either
             champion_error = f"{type(exc).__name__}: {exc}"[:500]
             log_event(log, "train.champion_unusable", level=logging.WARNING, version=str(champion.version),
                       error=champion_error)
+        else:  # an evaluation that fails is a failed run, never a free promotion
+            champion_value = evaluate_registered(
+                loaded, data.slice(TEST), num_items=data.num_items, ks=settings.evaluation.ks,
+                mask_seen=data.mask_seen, batch_size=settings.evaluation.batch_size)[gate]
     challenger_value = result["test"][gate]
     if not _finite_weights(Path(result["best_state_path"])):
         # Metrics treat NaN scores as the worst rank, so a diverged model still has finite ones.
