@@ -240,8 +240,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _require_lakehouse(settings: Settings) -> None:
-    """Every command but ingest works on an existing lakehouse: a mistyped root must fail, not
-    come into being empty (and "succeed", as `tables` or `maintain` would)."""
+    """Every command but ingest (and demo) works on an existing lakehouse: a mistyped root must
+    fail, not come into being empty (and "succeed", as `tables` or `maintain` would)."""
     if "://" not in settings.root and not Path(settings.root).is_dir():
         raise RecsysError(f"no lakehouse at {settings.root}: check --root, or run `recsys ingest` first")
 

@@ -147,7 +147,8 @@ class RuleScorer:
         model = self.champion.model
         length = model.spec.max_length
         # Items indexed after the champion was trained (the dictionary only grows) are unknown
-        # to it: left out of its input, as the nearline path does.
+        # to it: left out of its input, so the known ones keep their recent positions (the
+        # model itself would only blank them in place). Users it never saw it masks itself.
         histories = [h[h < model.num_items] for h in histories]
         bought = [b[b < model.num_items] for b in bought]
         inputs = pad_left(pa.array([h.astype(np.int64) for h in histories], pa.list_(pa.int64())), length,
@@ -155,8 +156,7 @@ class RuleScorer:
         tensor = torch.from_numpy(inputs)
         zeros = torch.zeros_like(tensor)
         empty = torch.full((len(histories), 1), -1)
-        known_users = np.where(users < model.spec.num_users, users, -1)
-        batch = EvalBatch(users=torch.from_numpy(known_users.astype(np.int64)), inputs=tensor, behaviors=zeros,
+        batch = EvalBatch(users=torch.from_numpy(users.astype(np.int64)), inputs=tensor, behaviors=zeros,
                           gaps=zeros, targets=empty, seen=empty)
         scores = model.score_batch(batch)
         fallback = model.uninformed(batch) & (self.catalogue.popularity is not None)
