@@ -9,6 +9,7 @@ non-zero. Logs go to standard error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -436,15 +437,41 @@ def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     _require_lakehouse(settings)  # before the tracking store is created in it
-    import subprocess
-
     from recsys_spark.tracking import tracking_uri
 
     uri = tracking_uri(settings)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--host", "127.0.0.1", "--port", str(args.port)]
-    return {"exit_code": subprocess.call(command), "tracking_uri": uri}
+    return {"exit_code": _run_process_group(command), "tracking_uri": uri}
+
+
+def _run_process_group(command: list[str], grace_seconds: float = 10.0) -> int:
+    """Run ``command`` in a process group of its own and wait for it; SIGTERM or Ctrl-C to this
+    process stops the whole group. (The MLflow server forks web workers; a plain child would
+    leave them serving after ``recsys ui`` was terminated.)"""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def stop_group(*_: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop_group) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_group()  # workers the server left behind when it exited on its own
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def _score_batch(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

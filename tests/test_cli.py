@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -121,3 +122,66 @@ def test_a_mistyped_root_fails_instead_of_becoming_an_empty_lakehouse(argv: tupl
     # with --json the last line of standard output says so too
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"error": message, "exit_code": 1}
     assert not (tmp_path / "typo").exists()
+
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            stack += sorted(children - found)
+            found |= children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    (tmp_path / "lake").mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS")}
+    ui = subprocess.Popen([str(RECSYS), "ui", "--root", str(tmp_path / "lake"), "--port", str(port)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert ui.poll() is None, "recsys ui exited before serving"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the MLflow UI never answered"
+                time.sleep(0.5)
+        server = _descendants(ui.pid)
+        assert server, "the UI runs in child processes"
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while {p for p in server if _alive(p)} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not {p for p in server if _alive(p)}, "server processes outlived recsys ui"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        for pid in {ui.pid, *server, *_descendants(ui.pid)}:  # a failed run must not leave a server
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
