@@ -32,6 +32,7 @@ from deltalake import DeltaTable, write_deltalake
 from common import REPO, machine, record
 
 from recsys_spark.serving.lookup import RecommendationLookup
+from recsys_spark.serving.streaming import recommendation_schema
 
 QUIET = ["--set", "logging.level=WARNING"]
 
@@ -118,15 +119,21 @@ def lookup_latency(folder: Path, users: int = 100_000, k: int = 50) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     items = rng.integers(0, 1_000_000, size=(users, k))
+    now = datetime.now(UTC)
     table = pa.table({
         "user_id": pa.array(np.arange(users), pa.int64()),
+        "user_idx": pa.array(np.arange(users), pa.int32()),
         "item_ids": pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1)), k).cast(pa.list_(pa.int64())),
         "scores": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(users * k).astype(np.float32)), k)
         .cast(pa.list_(pa.float32())),
-        "source": ["batch"] * users,
+        "model_name": ["sasrec"] * users,
         "model_version": ["1"] * users,
-        "generated_at": pa.array([datetime.now(UTC)] * users, pa.timestamp("us", tz="UTC")),
-    })
+        "generated_at": pa.array([now] * users, pa.timestamp("us", tz="UTC")),
+        "last_event_ts": pa.array([now] * users, pa.timestamp("us", tz="UTC")),
+        "stream_batch_id": pa.nulls(users, pa.int64()),
+        "intra_list_diversity": rng.random(users),
+        "source": ["batch"] * users,
+    }, schema=recommendation_schema())  # the serving table's own schema, as the stream writes it
     write_deltalake(str(root / "serving" / "recommendations"), table)
     started = time.perf_counter()
     lookup = RecommendationLookup(str(root), refresh_seconds=1.0)

@@ -327,7 +327,7 @@ class NearlineSink:
             for u, i, it, sc, name, d, h in zip(touched, user_idx, ranked.items, ranked.scores,
                                                 ranked.model_names(scorer.champion.name), ranked.diversity,
                                                 merged, strict=True)
-        ], schema=_recommendation_schema())
+        ], schema=recommendation_schema())
         self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
                          partition_by=("source",),
                          # Newer by wall clock, not by batch id: a new checkpoint restarts ids at 0.
@@ -372,7 +372,7 @@ class NearlineSink:
         return UserHistory(items, behaviors, times, bought)
 
 
-def _recommendation_schema() -> pa.Schema:
+def recommendation_schema() -> pa.Schema:
     return pa.schema([
         pa.field(USER_ID, pa.int64()), pa.field(USER_IDX, pa.int32()),
         pa.field("item_ids", pa.list_(pa.int64())), pa.field("scores", pa.list_(pa.float32())),
