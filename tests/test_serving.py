@@ -296,6 +296,45 @@ def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) ->
     assert history.item_ids == [1] and {raw[i] for i in buyer["bought_items"]} <= history.bought
 
 
+def test_nearline_reads_a_known_users_gold_once_per_gold_version(spark, served, tmp_path, monkeypatch) -> None:
+    # The hot path: gold/user_sequences changes only when features run, so a user the stream
+    # already knows is not looked up there again every micro-batch.
+    from recsys_spark.serving import streaming
+    from recsys_spark.storage import open_lakehouse
+
+    root = tmp_path / "lake"
+    shutil.copytree(served["pristine"], root)
+    settings = make_settings(root)
+    lake = open_lakehouse(spark, settings)
+    sink = streaming.NearlineSink(spark, lake, settings)
+    read_from_gold: list[list[int]] = []
+    read_rows = streaming._read_rows
+
+    def spy(table, users):
+        where = getattr(table, "table_uri", table) or ""
+        if where.rstrip("/").endswith("gold/user_sequences"):
+            read_from_gold.append(list(users))
+        return read_rows(table, users)
+
+    monkeypatch.setattr(streaming, "_read_rows", spy)
+    known, newcomer, stranger = sorted(_table(str(root), "gold/user_sequences").column("user_id").to_pylist())[:3]
+    now = datetime.now(UTC)
+    write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
+        "user_id": known, "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+    sink._histories([known, newcomer])
+    assert read_from_gold[-1] == [known, newcomer]
+    # the next batch: the known user is not read again; a user without state always is
+    histories = sink._histories([known, stranger])
+    assert read_from_gold[-1] == [stranger] and histories[stranger].item_ids  # from gold
+    sink._histories([known])
+    assert read_from_gold[-1] == []
+    # a features run (a new gold version): every user is read once more
+    lake.write(lake.read("gold/user_sequences").toArrow(), "gold/user_sequences", mode="overwrite")
+    sink._histories([known, stranger])
+    assert read_from_gold[-1] == [known, stranger]
+
+
 def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     hidden = folder / f".{name}"
     hidden.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))

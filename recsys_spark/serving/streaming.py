@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
@@ -72,6 +73,8 @@ from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.streaming import StreamingQuery
 
@@ -154,10 +157,15 @@ class _Dictionary:
         self.version = table.version()
 
 
-def _read_rows(path: str, users: list[int]) -> pa.Table | None:
+def _open_table(path: str) -> DeltaTable | None:
     try:
-        table = DeltaTable(path)
-    except Exception:
+        return DeltaTable(path)
+    except TableNotFoundError:
+        return None
+
+
+def _read_rows(table: DeltaTable | None, users: list[int]) -> pa.Table | None:
+    if table is None or not users:
         return None
     return table.to_pyarrow_dataset().to_table(filter=pc.field(USER_ID).isin(users))
 
@@ -196,6 +204,8 @@ class NearlineSink:
         self._features_version = -1
         self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
         self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
+        self._gold_version = -1
+        self._gold_merged: set[int] = set()  # users whose gold row is in their state, at _gold_version
 
     def warm_up(self) -> None:
         """Load the champion and the id dictionaries, and run the parsing plan once on a
@@ -341,23 +351,38 @@ class NearlineSink:
         Purchases that reached gold after the user's state began (a batch ingest) join its
         bought set, so nearline never offers them again."""
         found: dict[int, UserHistory] = {}
-        state = _read_rows(self.lake.path(SERVING_USER_STATE), users)
+        state = _read_rows(_open_table(self.lake.path(SERVING_USER_STATE)), users)
         if state is not None:
             for row in state.to_pylist():
                 found[row[USER_ID]] = UserHistory(row["item_ids"], row["behaviors"], row["event_ts"],
                                                   set(row["bought"]))
-        sequences = _read_rows(self.lake.path(GOLD_USER_SEQUENCES), users)
+        gold = _open_table(self.lake.path(GOLD_USER_SEQUENCES))
+        sequences = _read_rows(gold, self._gold_to_merge(gold, users, in_state=found.keys()))
         if sequences is not None and sequences.num_rows:
             self.items.refresh()
             for row in sequences.to_pylist():
-                gold = self._from_sequence(row)
+                gold_history = self._from_sequence(row)
                 if row[USER_ID] in found:
-                    found[row[USER_ID]].bought |= gold.bought
+                    found[row[USER_ID]].bought |= gold_history.bought
                 else:
-                    found[row[USER_ID]] = gold
+                    found[row[USER_ID]] = gold_history
         for user in users:
             found.setdefault(user, UserHistory([], [], [], set()))
         return found
+
+    def _gold_to_merge(self, gold: DeltaTable | None, users: list[int], in_state: Collection[int]) -> list[int]:
+        """The users whose gold row this micro-batch reads: those new to the stream (they start
+        from it) and, once per gold version, those with state (gold's purchases join their bought
+        set; only a features run makes a new version) — not every touched user every batch."""
+        if gold is None:
+            return []
+        if gold.version() != self._gold_version:
+            self._gold_version, self._gold_merged = gold.version(), set()
+        wanted = [u for u in users if u not in in_state or u not in self._gold_merged]
+        # Marked before the state commit: a failing micro-batch stops the query, and a new
+        # query starts from a new sink (and re-reads; merging gold twice changes nothing).
+        self._gold_merged.update(wanted)
+        return wanted
 
     def _from_sequence(self, row: dict[str, Any]) -> UserHistory:
         items = self.items.raw_by_index[np.asarray(row["items"], dtype=np.int64)].tolist()
