@@ -395,3 +395,26 @@ def test_vacuum_rounds_the_retention_up(spark, lake: Lakehouse) -> None:
     lake.write(events(spark, 5), "silver/t", mode="overwrite")
     lake.vacuum("silver/t", retention_hours=0.5)  # the replaced files are seconds old
     assert lake.read("silver/t", version=0).count() == 10
+
+
+def test_arrow_dataset_reads_what_deltalake_reads(spark, tmp_path: Path) -> None:
+    # Local tables are read through Arrow's own file system (see arrow_dataset): the same rows,
+    # partition values included, under a root with a space and a non-ASCII letter, and at an
+    # older version.
+    from recsys_spark.storage import open_lakehouse
+    from recsys_spark.storage.delta_rs import arrow_dataset
+    from tests.conftest import make_settings
+
+    lake = open_lakehouse(spark, make_settings(tmp_path / "lake ü"))
+    values = ["home garden", "50%", "a:b", "x=y", "ü"]
+    df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "k long, cat string")
+    lake.write(df, "serving/t", partition_by=["cat"])
+    lake.write(df.filter("k < 2").withColumn("k", F.col("k") + 10), "serving/t", partition_by=["cat"])
+
+    def rows(table: pa.Table) -> list[tuple]:
+        return sorted(zip(table.column("k").to_pylist(), table.column("cat").to_pylist(), strict=True))
+
+    for version in (0, 1):
+        table = DeltaTable(lake.path("serving/t"), version=version)
+        assert rows(arrow_dataset(table).to_table()) == rows(table.to_pyarrow_table())
+    assert len(rows(arrow_dataset(DeltaTable(lake.path("serving/t"))).to_table())) == len(values) + 2

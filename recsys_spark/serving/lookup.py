@@ -21,6 +21,7 @@ from deltalake import DeltaTable
 
 from recsys_spark.constants import CATEGORY_ID, GOLD_ITEM_FEATURES, ITEM_ID, SERVING_RECOMMENDATIONS, USER_ID
 from recsys_spark.serving.rules import POPULARITY_FALLBACK, BusinessRules, Catalogue, popularity
+from recsys_spark.storage.delta_rs import arrow_dataset
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def popular_items(root: str, k: int, rules: BusinessRules | None = None) -> list
     path = _table_path(root, GOLD_ITEM_FEATURES)
     if _version(path) < 0:
         return []
-    table = DeltaTable(path).to_pyarrow_table()
+    table = arrow_dataset(DeltaTable(path)).to_table()
     if rules is not None and CATEGORY_ID in table.column_names:
         categories = table.column(CATEGORY_ID).fill_null(-1).to_numpy()
         table = table.filter(pa.array(Catalogue(categories).allowed(rules)))
@@ -104,7 +105,7 @@ class RecommendationLookup:
         popular = popular_items(self.root, self.cold_start_k, self.rules)
         if version < 0:
             return _Snapshot(version, {}, pa.table({}), popular)
-        table = DeltaTable(self.path, version=version).to_pyarrow_table(
+        table = arrow_dataset(DeltaTable(self.path, version=version)).to_table(
             columns=[USER_ID, "item_ids", "scores", "source", "model_name", "model_version", "generated_at",
                      "last_event_ts"])
         # Per user, the row that saw the newest event wins, then the newer row: a batch run of

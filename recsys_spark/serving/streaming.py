@@ -71,6 +71,7 @@ from recsys_spark.logs import get_logger, log_event
 from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
 from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse
+from recsys_spark.storage.delta_rs import arrow_dataset
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -149,7 +150,7 @@ class _Dictionary:
             return
         if table.version() == self.version:
             return
-        data = table.to_pyarrow_table(columns=[self.idx, self.raw])
+        data = arrow_dataset(table).to_table(columns=[self.idx, self.raw])
         index, raw = data.column(self.idx).to_numpy(), data.column(self.raw).to_numpy()
         self.raw_by_index = np.full(int(index.max(initial=-1)) + 1, -1, dtype=np.int64)
         self.raw_by_index[index] = raw
@@ -167,7 +168,7 @@ def _open_table(path: str) -> DeltaTable | None:
 def _read_rows(table: DeltaTable | None, users: list[int]) -> pa.Table | None:
     if table is None or not users:
         return None
-    return table.to_pyarrow_dataset().to_table(filter=pc.field(USER_ID).isin(users))
+    return arrow_dataset(table).to_table(filter=pc.field(USER_ID).isin(users))
 
 
 def _stamped(rows: pa.Table, run_id: str, at: datetime) -> pa.Table:
