@@ -418,3 +418,45 @@ def test_arrow_dataset_reads_what_deltalake_reads(spark, tmp_path: Path) -> None
         table = DeltaTable(lake.path("serving/t"), version=version)
         assert rows(arrow_dataset(table).to_table()) == rows(table.to_pyarrow_table())
     assert len(rows(arrow_dataset(DeltaTable(lake.path("serving/t"))).to_table())) == len(values) + 2
+
+
+def test_partition_overwrite_and_merges_into_another_partition_both_commit(spark, lake: Lakehouse) -> None:
+    # score-batch replaces source=batch of serving/recommendations while the nearline query
+    # MERGEs into source=nearline every second: neither may fail on the other's commits.
+    rows = [(u, s, 0) for u in range(50) for s in ("batch", "nearline")]
+    lake.write(spark.createDataFrame(rows, "user_id long, source string, v long"), "serving/r",
+               partition_by=["source"])
+    merged: list[int] = []
+    errors: list[BaseException] = []
+    writing = threading.Event()
+
+    def merge_nearline() -> None:
+        writing.wait()
+        try:
+            for i in range(1, 1000):
+                batch = pa.table({"user_id": pa.array([i % 50], pa.int64()), "source": ["nearline"],
+                                  "v": pa.array([i], pa.int64())})
+                lake.upsert(batch, "serving/r", keys=["user_id", "source"])
+                merged.append(i)
+                if not writing.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    merger = threading.Thread(target=merge_nearline)
+    merger.start()
+    # the Spark job takes a while, so merges commit between its snapshot and its commit
+    slow = spark.range(0, 200, numPartitions=4).selectExpr(
+        "id % 50 as user_id", "'batch' as source", "cast(1 as bigint) as v", "reflect('java.lang.Thread', 'sleep', 20L) as _"
+    ).drop("_").dropDuplicates(["user_id"])
+    writing.set()
+    try:
+        lake.write(slow, "serving/r", mode="overwrite", partition_by=["source"],
+                   partition_filters=[("source", "=", "batch")])
+    finally:
+        writing.clear()
+        merger.join()
+    assert not errors, errors
+    assert len(merged) >= 2  # the merges did overlap the write
+    result = lake.read("serving/r").groupBy("source").agg(F.count("*").alias("n"), F.max("v").alias("v"))
+    assert {r.source: (r.n, r.v) for r in result.collect()} == {"batch": (50, 1), "nearline": (50, max(merged))}

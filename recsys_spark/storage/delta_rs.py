@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 log = get_logger("storage.delta_rs")
 
 STAGING_DIR = "_staging"
+_COMMIT_ATTEMPTS = 5
 _COMMIT_INFO_FIELDS = {
     "timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo",
     "clientVersion", "version", "readVersion", "isBlindAppend", "userMetadata",
@@ -180,15 +181,21 @@ class DeltaRsEngine(TableEngine):
                     commit_properties=properties,
                 )
             elif actions or mode == "overwrite" or idempotency is not None:
-                existing.create_write_transaction(
-                    actions,
-                    mode=mode,
-                    # Appends keep the table's schema; a full overwrite may replace it.
-                    schema=existing.schema() if mode == "append" or partition_filters else schema,
-                    partition_by=list(partition_by) or None,
-                    partition_filters=_delta_rs_filters(partition_filters),
-                    commit_properties=properties,
-                )
+                def commit(table: DeltaTable) -> None:
+                    table.create_write_transaction(
+                        actions,
+                        mode=mode,
+                        # Appends keep the table's schema; a full overwrite may replace it.
+                        schema=table.schema() if mode == "append" or partition_filters else schema,
+                        partition_by=list(partition_by) or None,
+                        partition_filters=_delta_rs_filters(partition_filters),
+                        commit_properties=properties,
+                    )
+
+                replayed = self._on_newest_snapshot(path, idempotency, commit)
+                if replayed is not None:  # an earlier attempt of this run committed meanwhile
+                    _remove_files(published)
+                    return replayed
         except (DeltaCommitFailed, DeltaError, OSError) as exc:
             _remove_files(published)
             raise CommitFailedError(f"writing {path} failed, nothing was committed: {exc}") from exc
@@ -265,9 +272,11 @@ class DeltaRsEngine(TableEngine):
         if source.num_rows == 0:  # nothing to merge; an empty commit still records the transaction
             return self.append_arrow(source, path, partition_by=table.metadata().partition_columns,
                                      idempotency=idempotency, commit_info=commit_info)
-        try:
-            metrics = (
-                table.merge(
+        metrics: dict[str, Any] = {}
+
+        def merge(target: DeltaTable) -> None:
+            metrics.update(
+                target.merge(
                     source,
                     predicate=merge_predicate(keys),
                     source_alias="s",
@@ -278,12 +287,18 @@ class DeltaRsEngine(TableEngine):
                 .when_not_matched_insert_all()
                 .execute()
             )
+            metrics["version"] = target.version()
+
+        try:
+            replayed = self._on_newest_snapshot(path, idempotency, merge)
         except (DeltaCommitFailed, DeltaError) as exc:
             raise CommitFailedError(f"upsert into {path} failed, nothing was committed: {exc}") from exc
+        if replayed is not None:
+            return replayed
         rows = int(metrics.get("num_target_rows_inserted", 0)) + int(
             metrics.get("num_target_rows_updated", 0)
         )
-        return CommitResult(version=table.version(), rows_written=rows)
+        return CommitResult(version=metrics["version"], rows_written=rows)
 
     def delete(self, path: str, predicate: str) -> CommitResult:
         table = self._open(path)
@@ -308,6 +323,36 @@ class DeltaRsEngine(TableEngine):
         return removed + _remove_stale_staging(Path(path), retention_hours)
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _on_newest_snapshot(
+        self, path: str, idempotency: Idempotency | None, commit: Callable[[DeltaTable], None]
+    ) -> CommitResult | None:
+        """``commit(table)`` on the table's newest snapshot, again on a newer one when a
+        concurrent commit conflicts with it; the replayed result instead if this transaction
+        (``idempotency``) was committed meanwhile.
+
+        delta-rs retries commits that merely raced; a logical conflict ("a concurrent
+        transaction deleted data this operation read") it raises. Such conflicts are routine
+        here: score-batch replaces the batch partition of serving/recommendations while the
+        nearline query MERGEs into it every second, and a snapshot taken before a long Spark
+        job is stale by commit time. Re-reading just before committing narrows the window to
+        milliseconds; the few attempts cover the rest.
+        """
+        attempt = 1
+        while True:
+            table = self._open(path)
+            replayed = _replayed(table, idempotency)
+            if replayed is not None:
+                return replayed
+            try:
+                commit(table)
+                return None
+            except DeltaCommitFailed as exc:
+                if attempt == _COMMIT_ATTEMPTS:
+                    raise
+                log_event(log, "delta.commit_conflict", table=path, attempt=attempt, error=str(exc)[:300])
+                time.sleep(0.1 * attempt)
+                attempt += 1
 
     def _open(self, path: str, *, version: int | None = None) -> DeltaTable:
         try:
