@@ -136,6 +136,20 @@ def test_overlap_counts_duplicates_and_dictionaries_only_grow(spark, lake: Lakeh
     assert {after[9], after[13]} == {3, 4}
 
 
+def test_an_event_id_resent_on_another_date_is_a_duplicate(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # An event_id is the key whatever the time: a source re-sending an event with a corrected
+    # timestamp (another day) must not store it twice.
+    root = Path(settings.root)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"event_id": "A", "user_id": 1, "item_id": 10, "behavior_type": "pv", "ts": 1700000000}\n')
+    second.write_text('{"event_id": "A", "user_id": 1, "item_id": 10, "behavior_type": "pv", "ts": 1700500000}\n'
+                      '{"event_id": "C", "user_id": 2, "item_id": 11, "behavior_type": "pv", "ts": 1700500100}\n')
+    ingest(capsys, root, "jsonl", first)
+    report = ingest(capsys, root, "jsonl", second)
+    assert (report["rows_clean"], report["rows_duplicate"]) == (1, 1)
+    assert sorted(r.event_id for r in lake.read(SILVER_EVENTS).collect()) == ["A", "C"]
+
+
 def test_silver_created_with_the_key_column_keeps_getting_it(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
     root = Path(settings.root)
     day1, day2 = tmp_path / "day1.csv", tmp_path / "day2.csv"

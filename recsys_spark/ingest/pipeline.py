@@ -29,6 +29,7 @@ from recsys_spark.constants import (
     BRONZE_EVENTS_RAW,
     DETAIL,
     EVENT_DATE,
+    EVENT_ID,
     EVENT_KEY,
     EVENT_TS,
     FORMAT_KEY,
@@ -139,6 +140,7 @@ class _ParseSummary:
     per_file_reason: dict[tuple[str, str | None], int]
     first_valid_date: date | None
     last_valid_date: date | None
+    valid_with_event_id: int = 0
 
     @property
     def valid(self) -> int:
@@ -317,13 +319,14 @@ def _known_events(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataF
     """Silver events that may repeat this input's events."""
     if not lake.exists(SILVER_EVENTS):
         return None
-    # Only the dates this input covers can hold its duplicates (partition pruning). Rows this
-    # same run committed before a crash are not "already known": they are ours.
-    return (
-        lake.read(SILVER_EVENTS)
-        .filter(F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date))
-        .filter(F.col(RUN_ID) != run_id)
-    )
+    # A natural key holds its time, so only the dates this input covers can hold its
+    # duplicates (partition pruning). An event_id is a key on any date: a re-sent event with a
+    # corrected time is still the same event, so events with ids are looked up in every date.
+    # Rows this same run committed before a crash are not "already known": they are ours.
+    in_dates = F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date)
+    if summary.valid_with_event_id:
+        in_dates = in_dates | F.col(EVENT_ID).isNotNull()
+    return lake.read(SILVER_EVENTS).filter(in_dates).filter(F.col(RUN_ID) != run_id)
 
 
 # More input files than this are read in one go (see read_lines).
@@ -376,6 +379,7 @@ def _summarize(parsed: DataFrame) -> _ParseSummary:
             F.count("*").alias("n"),
             F.min(F.to_date(EVENT_TS)).alias("lo"),
             F.max(F.to_date(EVENT_TS)).alias("hi"),
+            F.count(EVENT_ID).alias("with_id"),
         )
         .collect()
     )
@@ -384,6 +388,7 @@ def _summarize(parsed: DataFrame) -> _ParseSummary:
         {(r[SOURCE_FILE], r[REASON]): int(r["n"]) for r in rows},
         first_valid_date=min((r["lo"] for r in valid), default=None),
         last_valid_date=max((r["hi"] for r in valid), default=None),
+        valid_with_event_id=sum(int(r["with_id"]) for r in valid),
     )
 
 
