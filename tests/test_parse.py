@@ -39,6 +39,7 @@ TAOBAO_CASES = [
         (f"1,-2,3,pv,{T0}", "invalid_id", "item_id=-2"),
         (f"1,2,3.5,pv,{T0}", "invalid_id", "category_id=3.5"),
         (f"1,2,99999999999999999999,pv,{T0}", "invalid_id", None),
+        (f"1,2,9223372036854775808,pv,{T0}", "invalid_id", None),  # the largest long + 1
         (f"1,2,3,click,{T0}", "unknown_behavior", "behavior_type=click"),
         ("1,2,3,pv,yesterday", "invalid_timestamp", "timestamp=yesterday"),
         ("1,2,3,pv,1511539200000", "invalid_timestamp", None),
@@ -63,6 +64,12 @@ def test_taobao_reasons(taobao_rows, line: str, reason: str | None, detail: str 
         assert (row["user_id"], row["item_id"], row["category_id"]) == (1, 2, 3)
         assert row["behavior_type"] in {"pv", "buy"}
         assert row["event_ts"] == T0
+
+
+def test_ids_up_to_the_largest_long_are_valid(spark) -> None:
+    (row,) = parse(spark, "taobao", [f"9223372036854775807,1000000000000000000,3,pv,{T0}"])
+    assert row["reason"] is None
+    assert (row["user_id"], row["item_id"]) == (2**63 - 1, 10**18)
 
 
 def test_parsed_columns_and_types(spark) -> None:

@@ -60,8 +60,11 @@ from recsys_spark.constants import (
 )
 
 # Patterns end in \z, not $: Java's $ also matches before a trailing line terminator ("5\n").
-# A non-negative integer that fits in a signed 64-bit id.
+# A non-negative integer that fits in a signed 64-bit id: up to 18 digits always do; 19 digits
+# do up to the largest long (equal-length digit strings compare like their numbers).
 _ID_PATTERN = r"^[0-9]{1,18}\z"
+_ID_19_DIGITS_PATTERN = r"^[0-9]{19}\z"
+_MAX_ID = str(2**63 - 1)
 # Epoch numbers as Spark's JSON reader renders them (large or fractional ones in E notation).
 _EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\z"
 # ISO-8601 strings must start with a full date: Spark reads a bare time ("16:00") as today's.
@@ -144,7 +147,8 @@ def storable_text(raw: Column) -> Column:
 
 
 def _is_id(value: Column) -> Column:
-    return F.coalesce(value.rlike(_ID_PATTERN), F.lit(False))
+    fits = value.rlike(_ID_PATTERN) | (value.rlike(_ID_19_DIGITS_PATTERN) & (value <= F.lit(_MAX_ID)))
+    return F.coalesce(fits, F.lit(False))
 
 
 def _blank(value: Column) -> Column:
