@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import yaml
 
 from recsys_spark.config import Settings, describe_settings, load_settings
-from recsys_spark.constants import INPUT_FORMATS
+from recsys_spark.constants import INPUT_FORMATS, LAYERS
 from recsys_spark.errors import RecsysError, UsageError
 from recsys_spark.logs import configure_logging
 
@@ -243,7 +243,10 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def _require_lakehouse(settings: Settings) -> None:
     """Every command but ingest (and demo) works on an existing lakehouse: a mistyped root must
     fail, not come into being empty (and "succeed", as `tables` or `maintain` would)."""
-    if "://" not in settings.root and not Path(settings.root).is_dir():
+    # A layer folder, not only the root: an ingest that failed on a new root leaves its
+    # scratch folder (_work) behind, and that is no lakehouse either.
+    root = Path(settings.root)
+    if "://" not in settings.root and not any((root / layer).is_dir() for layer in LAYERS):
         raise RecsysError(f"no lakehouse at {settings.root}: check --root, or run `recsys ingest` first")
 
 

@@ -153,7 +153,7 @@ def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path) -> None:
     import time
     import urllib.request
 
-    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "silver").mkdir(parents=True)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

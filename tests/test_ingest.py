@@ -216,6 +216,9 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
     assert pytest.importorskip("re").search(message, error_lines[0])
     lake_root = Path(settings.root)
     assert not any((lake_root / layer).exists() for layer in ("bronze", "silver", "quarantine", "ops"))
+    # and what the failed run left (its scratch folder) is no lakehouse for the other commands
+    code, _, err = run_cli(capsys, "tables", "--root", settings.root, *QUIET)
+    assert code == 1 and err.strip().endswith("or run `recsys ingest` first")
 
 
 @pytest.mark.parametrize(
