@@ -102,6 +102,13 @@ def test_windows_count_sub_second_times_exactly(spark) -> None:
     assert items == {10: 1, 11: 1, 12: 0}
 
 
+def test_item_category_is_the_latest_known_one(spark) -> None:
+    rows = [(1, 50, 7, "pv", T - DAY), (1, 50, None, "pv", T), (1, 51, None, "pv", T)]
+    items = {r.item_id: r.category_id for r in build_item_features(frame(spark, rows), as_of=T,
+                                                                     windows_days=[1]).collect()}
+    assert items == {50: 7, 51: None}
+
+
 def test_sequences_sorted_with_repeats_collapsed_or_kept(toy) -> None:
     def items(collapse: bool) -> dict[int, list[int]]:
         seqs = derive(toy, user_sequences_table(max_length=10, collapse_repeats=collapse))

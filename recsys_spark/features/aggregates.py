@@ -60,7 +60,9 @@ def build_item_features(
     return (
         events.groupBy(ITEM_IDX, ITEM_ID)
         .agg(
-            F.max_by(CATEGORY_ID, EVENT_TS).alias(CATEGORY_ID),
+            # the latest known category: an event without one (jsonl makes it optional)
+            # does not erase it (max_by skips rows whose ordering value is null)
+            F.max_by(CATEGORY_ID, F.when(F.col(CATEGORY_ID).isNotNull(), F.col(EVENT_TS))).alias(CATEGORY_ID),
             *[column.alias(name) for name, column in window_counts(as_of, windows_days).items()],
             F.count("*").alias("total_events"),
             F.max(EVENT_TS).alias("last_event_ts"),
