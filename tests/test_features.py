@@ -256,7 +256,7 @@ def test_rebuild_from_recorded_versions_is_exact(spark, lake: Lakehouse, setting
 
 
 def test_features_without_silver_fail_clearly(settings, capsys) -> None:
-    Path(settings.root).mkdir(parents=True, exist_ok=True)  # a lakehouse, but no silver in it
+    (Path(settings.root) / "bronze").mkdir(parents=True)  # a lakehouse, but no silver in it
     code, _, err = run_cli(capsys, "features", "--root", settings.root, "--set", "logging.level=WARNING")
     assert code == 1
     assert "error: table silver/events does not exist" in err

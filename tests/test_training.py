@@ -451,7 +451,7 @@ def _registry_is_empty(tmp_path: Path) -> bool:
 
 
 def test_missing_gold_table_fails_clearly(spark, tmp_path: Path, capsys) -> None:
-    (tmp_path / "empty").mkdir()  # a lakehouse without gold tables (a missing one: see test_cli)
+    (tmp_path / "empty" / "silver").mkdir(parents=True)  # a lakehouse without gold tables (a missing one: see test_cli)
     code, _, err = run_cli(capsys, "train", "--root", str(tmp_path / "empty"), *TINY, *store(tmp_path))
     assert code != 0 and "recsys features" in err
     assert _registry_is_empty(tmp_path)
