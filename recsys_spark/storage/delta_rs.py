@@ -290,7 +290,8 @@ class DeltaRsEngine(TableEngine):
             metrics["version"] = target.version()
 
         try:
-            replayed = self._on_newest_snapshot(path, idempotency, merge)
+            # the table was opened (and checked for a replay) just above: the stream's hot path
+            replayed = self._on_newest_snapshot(path, idempotency, merge, fresh=table)
         except (DeltaCommitFailed, DeltaError) as exc:
             raise CommitFailedError(f"upsert into {path} failed, nothing was committed: {exc}") from exc
         if replayed is not None:
@@ -325,7 +326,8 @@ class DeltaRsEngine(TableEngine):
     # --- helpers ----------------------------------------------------------------------------
 
     def _on_newest_snapshot(
-        self, path: str, idempotency: Idempotency | None, commit: Callable[[DeltaTable], None]
+        self, path: str, idempotency: Idempotency | None, commit: Callable[[DeltaTable], None],
+        *, fresh: DeltaTable | None = None,
     ) -> CommitResult | None:
         """``commit(table)`` on the table's newest snapshot, again on a newer one when a
         concurrent commit conflicts with it; the replayed result instead if this transaction
@@ -336,14 +338,17 @@ class DeltaRsEngine(TableEngine):
         here: score-batch replaces the batch partition of serving/recommendations while the
         nearline query MERGEs into it every second, and a snapshot taken before a long Spark
         job is stale by commit time. Re-reading just before committing narrows the window to
-        milliseconds; the few attempts cover the rest.
+        milliseconds; the few attempts cover the rest. ``fresh``: a snapshot the caller has just
+        opened (and checked for a replay), used for the first attempt instead of opening another.
         """
         attempt = 1
+        table = fresh
         while True:
-            table = self._open(path)
-            replayed = _replayed(table, idempotency)
-            if replayed is not None:
-                return replayed
+            if table is None:
+                table = self._open(path)
+                replayed = _replayed(table, idempotency)
+                if replayed is not None:
+                    return replayed
             try:
                 commit(table)
                 return None
@@ -353,6 +358,7 @@ class DeltaRsEngine(TableEngine):
                 log_event(log, "delta.commit_conflict", table=path, attempt=attempt, error=str(exc)[:300])
                 time.sleep(0.1 * attempt)
                 attempt += 1
+                table = None
 
     def _open(self, path: str, *, version: int | None = None) -> DeltaTable:
         try:
