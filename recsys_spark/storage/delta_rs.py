@@ -544,13 +544,15 @@ def _file_stats(metadata: pq.FileMetaData) -> str:
     """Delta file statistics from the Parquet footer: row count, nulls, min/max where sound.
 
     delta-rs skips a file whose column has no min/max as if nothing in it could match a filter
-    on that column, so every plain column gets bounds that enclose its values: strings cut to
-    32 characters (as delta-spark does; the max then rounded up), decimals as the JSON numbers
-    that spell them exactly, timestamps rounded outward to milliseconds, the precision Delta
-    stores. Columns without sound bounds (NaN, long decimals, binary, nested) get null counts
-    only.
+    on that column, while a file without statistics is always read. So either every plain
+    column gets bounds that enclose its values — strings cut to 32 characters (as delta-spark
+    does; the max then rounded up), decimals as the JSON numbers that spell them exactly,
+    timestamps rounded outward to milliseconds, the precision Delta stores — or, when one
+    cannot (the footer lacks a column's statistics, as Spark's writer does for values of a few
+    KB; NaN, long decimals, binary), the file gets its row count only. Nested columns get none:
+    no reader filters on them.
     """
-    stats: dict[str, Any] = {"numRecords": metadata.num_rows}
+    rows = {"numRecords": metadata.num_rows}
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
     nulls: dict[str, int] = {}
@@ -560,18 +562,35 @@ def _file_stats(metadata: pq.FileMetaData) -> str:
         column = schema.column(col)
         if column.path not in top_level:
             continue  # nested leaves: no stats
-        values = [metadata.row_group(rg).column(col).statistics for rg in range(metadata.num_row_groups)]
-        if not values or any(v is None for v in values):
-            continue
-        nulls[column.path] = sum(v.null_count for v in values)
-        bounds = [(v.min, v.max) for v in values if v.has_min_max]
-        if len(bounds) != len(values) or not bounds:
-            continue
-        rendered = _render_bounds(min(b[0] for b in bounds), max(b[1] for b in bounds))
-        if rendered is not None:
-            mins[column.path], maxs[column.path] = rendered
-    stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
-    return json.dumps(stats)
+        found = _column_stats(metadata, col)
+        if found is None:
+            return json.dumps(rows)
+        nulls[column.path], bounds = found
+        if bounds is not None:
+            mins[column.path], maxs[column.path] = bounds
+    return json.dumps({**rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def _column_stats(metadata: pq.FileMetaData, col: int) -> tuple[int, tuple[Any, Any] | None] | None:
+    """(null count, rendered bounds; ``None`` when every value is null) of one column, or
+    ``None`` when the footer cannot vouch for them."""
+    nulls = 0
+    lows, highs = [], []
+    for rg in range(metadata.num_row_groups):
+        group = metadata.row_group(rg)
+        stats = group.column(col).statistics
+        if stats is None or not stats.has_null_count:
+            return None
+        nulls += stats.null_count
+        if stats.has_min_max:
+            lows.append(stats.min)
+            highs.append(stats.max)
+        elif stats.null_count != group.num_rows:
+            return None  # values without bounds
+    if not lows:
+        return nulls, None
+    bounds = _render_bounds(min(lows), max(highs))
+    return None if bounds is None else (nulls, bounds)
 
 
 def _render_bounds(low: Any, high: Any) -> tuple[Any, Any] | None:
