@@ -96,6 +96,12 @@ class IngestSettings(_Section):
     sequence_step_seconds: int = Field(
         3600, gt=0, description="Time between consecutive items of a `sequences` line."
     )
+    max_line_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Longer lines are quarantined as line_too_long, their first bytes kept; "
+        "local input files are never read into memory past this.",
+    )
 
     _utc = field_validator("min_event_time", "sequence_base_time")(_as_utc)
 

@@ -39,7 +39,11 @@ BEHAVIOR_CODES: Final[dict[str, int]] = {b: i + 1 for i, b in enumerate(BEHAVIOR
 InputFormat = Literal["taobao", "jsonl", "sequences"]
 INPUT_FORMATS: Final[tuple[str, ...]] = ("taobao", "jsonl", "sequences")
 
+# The length in bytes of the line a raw row was read from (a too-long line is read only in part).
+LINE_BYTES: Final = "line_bytes"
+
 # --- quarantine reason codes ----------------------------------------------------------------------
+LINE_TOO_LONG: Final = "line_too_long"
 INVALID_ENCODING: Final = "invalid_encoding"
 WRONG_FIELD_COUNT: Final = "wrong_field_count"
 MALFORMED_JSON: Final = "malformed_json"
@@ -49,6 +53,7 @@ UNKNOWN_BEHAVIOR: Final = "unknown_behavior"
 INVALID_TIMESTAMP: Final = "invalid_timestamp"
 TIMESTAMP_OUT_OF_RANGE: Final = "timestamp_out_of_range"
 REASON_CODES: Final[tuple[str, ...]] = (
+    LINE_TOO_LONG,
     INVALID_ENCODING,
     WRONG_FIELD_COUNT,
     MALFORMED_JSON,

@@ -14,6 +14,7 @@ RULES = ValidationRules(
     max_time=datetime(2026, 1, 1, tzinfo=UTC),
     sequence_base_time=datetime(2020, 1, 1, tzinfo=UTC),
     sequence_step_seconds=3600,
+    max_line_bytes=1024,
 )
 T0 = 1511539200  # 2017-11-24T16:00:00Z
 

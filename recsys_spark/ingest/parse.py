@@ -5,7 +5,8 @@ the columns of ``PARSED_COLUMNS``: typed event fields, and ``reason``/``detail``
 good event. Checks run in a fixed order, so a row gets the first reason that applies. Everything
 is Spark SQL (no Python UDFs) and safe under ANSI mode (``try_*`` functions only).
 
-Every format first requires the line to be UTF-8 (``invalid_encoding`` otherwise; see ``_finish``).
+Every format first requires the line to be at most ``max_line_bytes`` long (``line_too_long``
+otherwise, its first bytes kept) and UTF-8 (``invalid_encoding`` otherwise; see ``_finish``).
 
 Formats:
 
@@ -47,6 +48,8 @@ from recsys_spark.constants import (
     INVALID_ID,
     INVALID_TIMESTAMP,
     ITEM_ID,
+    LINE_BYTES,
+    LINE_TOO_LONG,
     MALFORMED_JSON,
     MISSING_FIELD,
     RAW,
@@ -58,6 +61,7 @@ from recsys_spark.constants import (
     WRONG_FIELD_COUNT,
     InputFormat,
 )
+from recsys_spark.ingest.long_lines import PREVIEW_BYTES
 
 # Patterns end in \z, not $: Java's $ also matches before a trailing line terminator ("5\n").
 # A non-negative integer that fits in a signed 64-bit id: up to 18 digits always do; 19 digits
@@ -93,12 +97,14 @@ PARSED_COLUMNS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ValidationRules:
-    """Event times outside ``[min_time, max_time]`` are quarantined."""
+    """Event times outside ``[min_time, max_time]`` and lines over ``max_line_bytes`` are
+    quarantined."""
 
     min_time: datetime
     max_time: datetime
     sequence_base_time: datetime
     sequence_step_seconds: int
+    max_line_bytes: int
 
 
 @dataclass(frozen=True)
@@ -108,22 +114,31 @@ class _Check:
     detail: Column
 
 
-def _finish(df: DataFrame, format_checks: Sequence[_Check]) -> DataFrame:
+def _finish(df: DataFrame, format_checks: Sequence[_Check], rules: ValidationRules) -> DataFrame:
     """Add ``reason`` and ``detail`` of the first failing check (null for a good row).
 
     The checks are evaluated once, into the index of the first failure; the reason is looked up
     by index and the detail (string building) is computed for failed rows only.
 
-    Every format first checks the encoding. Spark reads lines as bytes without decoding them,
-    and Parquet readers (Arrow, delta-rs) refuse strings that are not UTF-8, so such a line is
-    quarantined with its exact bytes in hex, and its ``raw`` is stored with U+FFFD replacements.
+    Every format first checks the length, then the encoding. A too-long line keeps only its
+    first bytes (all that was read of it, see ``long_lines``). Spark reads lines as bytes
+    without decoding them, and Parquet readers (Arrow, delta-rs) refuse strings that are not
+    UTF-8, so such a line is quarantined with its exact bytes in hex, and its ``raw`` is stored
+    with U+FFFD replacements.
     """
+    head = storable_text(F.substring(F.col(RAW).cast("binary"), 1, PREVIEW_BYTES).cast("string"))
+    too_long = _Check(
+        F.col(LINE_BYTES) > rules.max_line_bytes,
+        LINE_TOO_LONG,
+        F.concat(F.lit("line of "), F.col(LINE_BYTES).cast("string"),
+                 F.lit(f" bytes, over ingest.max_line_bytes={rules.max_line_bytes}; first bytes: "), head),
+    )
     encoding = _Check(
         ~F.is_valid_utf8(F.col(RAW)),
         INVALID_ENCODING,
         F.concat(F.lit("not UTF-8; bytes (hex): "), F.hex(F.col(RAW).cast("binary"))),
     )
-    checks = [encoding, *format_checks]
+    checks = [too_long, encoding, *format_checks]
     first = F.when(checks[0].failed, F.lit(0))
     for i, check in enumerate(checks[1:], start=1):
         first = first.when(check.failed, F.lit(i))
@@ -135,7 +150,8 @@ def _finish(df: DataFrame, format_checks: Sequence[_Check]) -> DataFrame:
         df.withColumn("_failed", first)
         .withColumn(REASON, F.try_element_at(reasons, F.col("_failed") + 1))
         .withColumn(DETAIL, detail)
-        .withColumn(RAW, F.when(F.col("_failed") == 0, storable_text(F.col(RAW)))
+        .withColumn(RAW, F.when(F.col("_failed") == 0, head)
+                    .when(F.col("_failed") == 1, storable_text(F.col(RAW)))
                     .otherwise(F.col(RAW)))
         .select(*PARSED_COLUMNS)
     )
@@ -174,6 +190,7 @@ def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     df = raw.select(
         RAW,
         SOURCE_FILE,
+        LINE_BYTES,
         F.lit(None).cast("string").alias(EVENT_ID),
         user.alias("_user"),
         item.alias("_item"),
@@ -219,7 +236,7 @@ def parse_taobao(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         _Check(F.col(EVENT_TS).isNull(), INVALID_TIMESTAMP, _describe("timestamp", F.col("_ts"))),
         _range_check(rules),
     ]
-    return _finish(df, checks)
+    return _finish(df, checks, rules)
 
 
 def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
@@ -229,7 +246,7 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     def key(name: str) -> Column:
         return F.trim(F.try_element_at(F.col("_obj"), F.lit(name)))
 
-    df = raw.select(RAW, SOURCE_FILE, obj.alias("_obj"))
+    df = raw.select(RAW, SOURCE_FILE, LINE_BYTES, obj.alias("_obj"))
     df = df.select(
         "*",
         key(EVENT_ID).alias("_event_id"),
@@ -291,20 +308,22 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         _Check(F.col(EVENT_TS).isNull(), INVALID_TIMESTAMP, _describe("ts", F.col("_ts"))),
         _range_check(rules),
     ]
-    return _finish(df, checks)
+    return _finish(df, checks, rules)
 
 
 def parse_sequences(raw: DataFrame, rules: ValidationRules) -> DataFrame:
     """Parse ``user item item ...`` lines into one ``buy`` event per item occurrence."""
     # Any whitespace separates tokens, so padding of any kind (a leading tab) is not a token.
-    tokens = F.array_remove(F.split(F.col(RAW), r"\s+"), "")
+    # A too-long line is one row, whatever its first bytes hold.
+    tokens = F.when(F.col(LINE_BYTES) <= rules.max_line_bytes, F.array_remove(F.split(F.col(RAW), r"\s+"), ""))
     df = raw.select(
         RAW,
         SOURCE_FILE,
+        LINE_BYTES,
         F.try_element_at(tokens, F.lit(1)).alias("_user"),
         F.slice(tokens, 2, F.greatest(F.size(tokens) - 1, F.lit(0))).alias("_items"),
     )
-    df = df.select(RAW, SOURCE_FILE, "_user", F.posexplode_outer("_items").alias("_pos", "_item"))
+    df = df.select(RAW, SOURCE_FILE, LINE_BYTES, "_user", F.posexplode_outer("_items").alias("_pos", "_item"))
     base = F.lit(rules.sequence_base_time).cast("timestamp")
     step = F.make_dt_interval(secs=F.col("_pos") * rules.sequence_step_seconds)
     df = df.select(
@@ -326,7 +345,7 @@ def parse_sequences(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         *_id_checks([("user_id", F.col("_user")), ("item_id", F.col("_item"))]),
         _range_check(rules),
     ]
-    return _finish(df, checks)
+    return _finish(df, checks, rules)
 
 
 def _missing_check(fields: Sequence[tuple[str, str]]) -> _Check:
@@ -377,9 +396,12 @@ PARSERS: dict[str, Callable[[DataFrame, ValidationRules], DataFrame]] = {
 
 
 def parse_lines(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> DataFrame:
-    """Dispatch on ``fmt``; ``raw`` has columns ``raw`` and ``source_file``."""
+    """Dispatch on ``fmt``; ``raw`` has columns ``raw`` and ``source_file``, and ``line_bytes``
+    where a line may have been read only in part (default: the length of ``raw``)."""
     try:
         parser = PARSERS[fmt]
     except KeyError:
         raise ValueError(f"unknown input format {fmt!r}; expected one of {sorted(PARSERS)}") from None
+    if LINE_BYTES not in raw.columns:
+        raw = raw.withColumn(LINE_BYTES, F.octet_length(RAW).cast("long"))
     return parser(raw, rules)

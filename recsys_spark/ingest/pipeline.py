@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from functools import reduce
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import reduce
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame
@@ -37,6 +38,7 @@ from recsys_spark.constants import (
     INVALID_ENCODING,
     ITEM_ID,
     ITEM_IDX,
+    LINE_BYTES,
     OPS_INGEST_RUNS,
     QUARANTINE_EVENTS,
     RAW,
@@ -51,8 +53,9 @@ from recsys_spark.constants import (
     InputFormat,
 )
 from recsys_spark.errors import InputDataError
+from recsys_spark.ingest.long_lines import LineMarker, LineSource, guard_long_lines, marked_lines
 from recsys_spark.ingest.parse import ValidationRules, parse_lines
-from recsys_spark.ingest.sources import InputFile, discover_inputs
+from recsys_spark.ingest.sources import InputFile, discover_inputs, is_uri
 from recsys_spark.ingest.transforms import (
     TIEBREAK,
     bronze_rows,
@@ -164,6 +167,7 @@ def validation_rules(settings: Settings, now: datetime) -> ValidationRules:
         max_time=now + timedelta(seconds=settings.ingest.max_future_seconds),
         sequence_base_time=settings.ingest.sequence_base_time,
         sequence_step_seconds=settings.ingest.sequence_step_seconds,
+        max_line_bytes=settings.ingest.max_line_bytes,
     )
 
 
@@ -221,8 +225,12 @@ def _ingest_files(
     started: datetime,
 ) -> IngestReport:
     once = Idempotency(app_id=run_id, version=1)
-    raw = read_lines(spark, files)
+    marker = LineMarker.new()
     with lake.scratch(f"ingest/{run_id}") as scratch:
+        stand_ins = None if is_uri(scratch.path) else Path(scratch.path) / "long-lines"
+        sources = guard_long_lines(files, stand_ins, max_line_bytes=settings.ingest.max_line_bytes,
+                                   marker=marker)
+        raw = read_lines(spark, sources, marker=marker)
         # Parse once into scratch: every later pass (counts, quarantine, duplicates,
         # dictionaries, silver) reads typed columns instead of re-parsing the text.
         with timed(log, "ingest.parse", run_id=run_id):
@@ -277,6 +285,7 @@ def _ingest_files(
                 idempotency=once,
                 commit_info={FORMAT_KEY: fmt, "ingest_run_id": run_id},  # see features.ingested_formats
             )
+        lines_in = bronze.rows_written if bronze.rows_written is not None else raw.count()
     versions[SILVER_EVENTS] = result.version
     rows_clean = result.rows_written
     if rows_clean is None:  # committed by an earlier attempt of this run
@@ -291,7 +300,7 @@ def _ingest_files(
         rows_clean=rows_clean,
         rows_quarantined=quarantined,
         rows_duplicate=summary.valid - rows_clean,
-        lines_in=bronze.rows_written if bronze.rows_written is not None else raw.count(),
+        lines_in=lines_in,
         quarantine_reasons=summary.reasons,
         files=[
             {"path": f.path, "fingerprint": f.fingerprint, "rows_in": summary.rows_of(f.path),
@@ -333,32 +342,35 @@ def _known_events(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataF
 _FILES_READ_ONE_BY_ONE = 16
 
 
-def read_lines(spark: SparkSession, files: list[InputFile]) -> DataFrame:
-    """Raw lines with the path of the file they came from.
+def read_lines(spark: SparkSession, sources: list[LineSource], *, marker: LineMarker | None = None) -> DataFrame:
+    """Raw lines with the path of the file they came from, and each line's length in bytes
+    (``marker``: the stand-in of a too-long line, see ``long_lines``).
 
     A few files: one read each with the path as a literal, much cheaper than Spark's per-row
     ``_metadata.file_path`` string. Many files (an hourly drop): one read of all of them, since
     every read costs the driver a plan of its own (400 small files took 148 s one by one, 20 s
     together); Spark's spelling of each path is then mapped back to ours by a broadcast join.
     """
-    if len(files) <= _FILES_READ_ONE_BY_ONE:
+    if len(sources) <= _FILES_READ_ONE_BY_ONE:
         reads = [
-            spark.read.text(literal_path(f.path))
-            .select(F.col("value").alias(RAW), F.lit(f.path).alias(SOURCE_FILE))
-            for f in files
+            spark.read.text(literal_path(s.read)).select("value", F.lit(s.source).alias(SOURCE_FILE))
+            for s in sources
         ]
-        return reduce(DataFrame.unionByName, reads)
-    spelled = spark.createDataFrame(
-        [(spelling, f.path) for f in files for spelling in _spark_spellings(spark, f.path)],
-        "spark_path string, source string",
-    )
-    lines = spark.read.text([literal_path(f.path) for f in files]).select(
-        F.col("value").alias(RAW), F.col("_metadata.file_path").alias("spark_path")
-    )
-    source = F.coalesce(  # a path spelled otherwise fails the run, it never loses its origin
-        F.col("source"), F.raise_error(F.concat(F.lit("unmapped input file "), F.col("spark_path")))
-    )
-    return lines.join(F.broadcast(spelled), "spark_path", "left").select(RAW, source.alias(SOURCE_FILE))
+        lines = reduce(DataFrame.unionByName, reads)
+    else:
+        spelled = spark.createDataFrame(
+            [(spelling, s.source) for s in sources for spelling in _spark_spellings(spark, s.read)],
+            "spark_path string, source string",
+        )
+        read = spark.read.text([literal_path(s.read) for s in sources]).select(
+            "value", F.col("_metadata.file_path").alias("spark_path")
+        )
+        source = F.coalesce(  # a path spelled otherwise fails the run, it never loses its origin
+            F.col("source"), F.raise_error(F.concat(F.lit("unmapped input file "), F.col("spark_path")))
+        )
+        lines = read.join(F.broadcast(spelled), "spark_path", "left").select("value", source.alias(SOURCE_FILE))
+    text, length = marked_lines(F.col("value"), marker)
+    return lines.select(text.alias(RAW), SOURCE_FILE, length.alias(LINE_BYTES))
 
 
 def _spark_spellings(spark: SparkSession, path: str) -> set[str]:
