@@ -14,6 +14,7 @@ as duplicates of silver's.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_spark.errors import InputDataError
+from recsys_spark.logs import get_logger, log_event
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+log = get_logger("ingest.sources")
 
 _HIDDEN = (".", "_")
 
@@ -46,7 +50,9 @@ def discover_inputs(
 
     Entries whose name starts with "." or "_" (temporary files, ``_SUCCESS`` markers, staging
     folders) are not input, as for Spark and Hadoop, and neither is the ``lakehouse`` root when
-    it lies inside the folder. A URI needs ``spark`` (its Hadoop file systems).
+    it lies inside the folder. Symbolic links inside a folder are followed only to files and
+    folders inside it: a link elsewhere (``/etc/passwd``) is skipped with a warning, never
+    read. A URI needs ``spark`` (its Hadoop file systems).
 
     Raises:
         InputDataError: the path does not exist, holds no files, or every file is empty.
@@ -117,20 +123,32 @@ def _hadoop_file(fs: Any, status: Any) -> InputFile:
 
 
 def _visible_files(folder: Path, lakehouse: str | None) -> Iterator[Path]:
-    seen = {os.path.realpath(folder)}  # linked folders are followed, each real one once
+    top = os.path.realpath(folder)
+    seen = {top}  # linked folders are followed, each real one once
     if lakehouse is not None and not is_uri(lakehouse):
         seen.add(os.path.realpath(lakehouse))
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         kept = []
         for name in dirnames:
-            real = os.path.realpath(os.path.join(dirpath, name))
-            if not name.startswith(_HIDDEN) and real not in seen:
+            entry = os.path.join(dirpath, name)
+            real = os.path.realpath(entry)
+            if not name.startswith(_HIDDEN) and real not in seen and _inside(entry, real, top):
                 seen.add(real)
                 kept.append(name)
         dirnames[:] = kept
         for name in filenames:
-            if not name.startswith(_HIDDEN) and os.path.isfile(file := os.path.join(dirpath, name)):
-                yield Path(file)
+            entry = os.path.join(dirpath, name)
+            if not name.startswith(_HIDDEN) and os.path.isfile(entry) and _inside(entry, os.path.realpath(entry), top):
+                yield Path(entry)
+
+
+def _inside(entry: str, real: str, top: str) -> bool:
+    """Whether ``entry`` (resolving to ``real``) may be read as part of the folder ``top``."""
+    if os.path.commonpath([real, top]) == top:
+        return True
+    log_event(log, "ingest.link_skipped", logging.WARNING, link=entry, target=real,
+              reason="points outside the input folder")
+    return False
 
 
 def _sha256(path: Path) -> str:
