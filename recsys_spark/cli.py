@@ -9,7 +9,6 @@ non-zero. Logs go to standard error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -315,9 +314,14 @@ def _features(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _tables(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     _, lake = _session(settings)
-    tables = [{"table": t.name, "version": t.version, "path": t.path} for t in lake.tables()]
-    for t in tables:
-        _say(args, f"{t['table']:<28} v{t['version']:<6} {t['path']}")
+    found = lake.tables()
+    for t in found:
+        _say(args, f"{t.name:<28} v{t.version:<6} {t.path}" if t.error is None
+             else f"{t.name:<28} {'unreadable':<7} {t.path}")
+    broken = [t for t in found if t.error is not None]
+    if broken:  # listed above with the rest; the command fails so that a scheduler notices
+        raise RecsysError("; ".join(t.error for t in broken if t.error))
+    tables = [{"table": t.name, "version": t.version, "path": t.path} for t in found]
     return {"root": settings.root, "engine": lake.engine.name, "tables": tables}
 
 
@@ -440,41 +444,14 @@ def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     _require_lakehouse(settings)  # before the tracking store is created in it
+    from recsys_spark.processes import run_process_group
     from recsys_spark.tracking import tracking_uri
 
     uri = tracking_uri(settings)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri,
                "--host", "127.0.0.1", "--port", str(args.port)]
-    return {"exit_code": _run_process_group(command), "tracking_uri": uri}
-
-
-def _run_process_group(command: list[str], grace_seconds: float = 10.0) -> int:
-    """Run ``command`` in a process group of its own and wait for it; SIGTERM or Ctrl-C to this
-    process stops the whole group. (The MLflow server forks web workers; a plain child would
-    leave them serving after ``recsys ui`` was terminated.)"""
-    import os
-    import signal
-    import subprocess
-
-    process = subprocess.Popen(command, start_new_session=True)
-
-    def stop_group(*_: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, stop_group) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        stop_group()  # workers the server left behind when it exited on its own
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return {"exit_code": run_process_group(command), "tracking_uri": uri}
 
 
 def _score_batch(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

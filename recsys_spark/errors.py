@@ -40,6 +40,10 @@ class TableNotFoundError(RecsysError):
     """A table was read before anything wrote it."""
 
 
+class TableUnreadableError(RecsysError):
+    """A table's Delta log or the data files of its newest version are damaged."""
+
+
 class SchemaMismatchError(RecsysError):
     """Data appended to a table does not have the table's columns and types."""
 
@@ -54,3 +58,7 @@ class UnsupportedTableFeatureError(RecsysError):
 
 class EngineUnavailableError(RecsysError):
     """The configured storage engine cannot run in this Spark session."""
+
+
+class ModelIntegrityError(RecsysError):
+    """A registered model's files differ from those recorded at its registration."""

@@ -17,7 +17,9 @@ def test_storage_api() -> None:
         "TableInfo",
         "check_table_name",
         "open_lakehouse",
+        "read_table",
         "resolve_engine",
+        "table_dataset",
     ]
     operations = {"read", "write", "upsert", "delete", "history", "optimize", "vacuum", "version",
                   "exists", "tables", "transaction_version", "lock", "path", "scratch"}

@@ -12,28 +12,34 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from recsys_spark.config import Settings
 from recsys_spark.constants import LAYERS
-from recsys_spark.errors import EngineUnavailableError, TableNameError, TableNotFoundError
+from recsys_spark.errors import (
+    EngineUnavailableError,
+    TableNotFoundError,
+    TableUnreadableError,
+)
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.spark import delta_spark_loaded, literal_path
+from recsys_spark.storage.arrow_reads import read_table, table_dataset
 from recsys_spark.storage.base import (
+    TABLE_NAME,
     CommitResult,
     Idempotency,
     PartitionFilter,
     TableEngine,
     WriteMode,
+    check_table_name,
 )
 
 if TYPE_CHECKING:
@@ -48,29 +54,22 @@ __all__ = [
     "TableInfo",
     "check_table_name",
     "open_lakehouse",
+    "read_table",
     "resolve_engine",
+    "table_dataset",
 ]
 
 log = get_logger("storage")
 
-_TABLE_NAME = re.compile(r"^(?P<layer>[a-z]+)/(?P<table>[a-z][a-z0-9_]*)$")
-
 
 @dataclass(frozen=True)
 class TableInfo:
+    """A table of the lakehouse; ``error`` (and no version) when it cannot be read."""
+
     name: str
     path: str
-    version: int
-
-
-def check_table_name(table: str) -> str:
-    """``table`` if it is ``<layer>/<name>`` with a known layer, else ``TableNameError``."""
-    match = _TABLE_NAME.match(table)
-    if match is None or match["layer"] not in LAYERS:
-        raise TableNameError(
-            f"table name {table!r} must be '<layer>/<name>' with layer in {', '.join(LAYERS)}"
-        )
-    return table
+    version: int | None
+    error: str | None = None
 
 
 class Lakehouse:
@@ -241,8 +240,11 @@ class Lakehouse:
                 continue
             for name in sorted(os.listdir(layer_dir)):
                 table = f"{layer}/{name}"
-                if _TABLE_NAME.match(table) and self.engine.exists(self.path(table)):
-                    found.append(TableInfo(table, self.path(table), self.version(table)))
+                if TABLE_NAME.match(table) and self.engine.exists(self.path(table)):
+                    try:
+                        found.append(TableInfo(table, self.path(table), self.version(table)))
+                    except TableUnreadableError as exc:  # the others are still listed
+                        found.append(TableInfo(table, self.path(table), None, str(exc)))
         return found
 
     @contextmanager

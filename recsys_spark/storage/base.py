@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
+from recsys_spark.constants import LAYERS
+from recsys_spark.errors import TableNameError
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
@@ -27,6 +30,17 @@ PartitionFilter = tuple[str, Literal["=", "in"], Any]
 FILE_LEVEL_UNSAFE_FEATURES = ("deletionVectors", "columnMapping")
 
 _SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TABLE_NAME = re.compile(r"^(?P<layer>[a-z]+)/(?P<table>[a-z][a-z0-9_]*)$")
+
+
+def check_table_name(table: str) -> str:
+    """``table`` if it is ``<layer>/<name>`` with a known layer, else ``TableNameError``."""
+    match = TABLE_NAME.match(table)
+    if match is None or match["layer"] not in LAYERS:
+        raise TableNameError(
+            f"table name {table!r} must be '<layer>/<name>' with layer in {', '.join(LAYERS)}"
+        )
+    return table
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from recsys_spark.errors import (
     CommitFailedError,
     SchemaMismatchError,
     TableNotFoundError,
+    TableUnreadableError,
     UnsupportedTableFeatureError,
 )
 from recsys_spark.logs import get_logger, log_event
@@ -89,7 +90,7 @@ class DeltaRsEngine(TableEngine):
     # --- metadata ---------------------------------------------------------------------------
 
     def exists(self, path: str) -> bool:
-        return DeltaTable.is_deltatable(path)
+        return _has_log(path)
 
     def version(self, path: str) -> int:
         return self._open(path).version()
@@ -119,17 +120,10 @@ class DeltaRsEngine(TableEngine):
                     f"{datetime.fromtimestamp(created / 1000, UTC).isoformat()})"
                 )
             table.load_as_version(timestamp)
-        features = set(table.protocol().reader_features or [])
-        unsafe = features.intersection(FILE_LEVEL_UNSAFE_FEATURES)
-        if unsafe:
-            raise UnsupportedTableFeatureError(
-                f"table {path} uses {', '.join(sorted(unsafe))}; read it with "
-                "storage.engine=delta-spark"
-            )
+        check_readable_features(table, path)
         schema = spark_schema(table)
         files = data_files(table)
-        if version is not None or timestamp is not None:
-            _check_files_exist(path, table.version(), files)
+        check_files_exist(path, table.version(), files, latest=version is None and timestamp is None)
         if not files:
             return self.spark.createDataFrame([], schema)
         # basePath keeps the partition columns, which live in folder names, not in the files.
@@ -361,12 +355,56 @@ class DeltaRsEngine(TableEngine):
                 table = None
 
     def _open(self, path: str, *, version: int | None = None) -> DeltaTable:
-        try:
-            return DeltaTable(path, version=version)
-        except Exception as exc:  # delta-rs raises TableNotFoundError or a generic DeltaError
-            if not DeltaTable.is_deltatable(path):
-                raise TableNotFoundError(f"no Delta table at {path}") from exc
-            raise
+        return open_delta(path, version=version)
+
+
+def open_delta(path: str, *, version: int | None = None) -> DeltaTable:
+    """The Delta table at ``path`` (as of ``version``).
+
+    Raises:
+        TableNotFoundError: there is no table at ``path``.
+        TableUnreadableError: its log is damaged (one line naming the table, the newest
+            version in its log and the cause, instead of delta-rs's traceback).
+    """
+    try:
+        return DeltaTable(path, version=version)
+    except Exception as exc:  # delta-rs raises TableNotFoundError or a generic DeltaError
+        if not _has_log(path):
+            raise TableNotFoundError(f"no Delta table at {path}") from exc
+        newest = _newest_logged(path)
+        if version is not None and isinstance(newest, int) and version > newest:
+            raise TableNotFoundError(f"table {path} has no version {version} (latest {newest})") from exc
+        raise TableUnreadableError(
+            f"table {path} cannot be read (newest commit in its log: v{newest}): its Delta log is "
+            f"damaged: {_first_line(exc)}"
+        ) from exc
+
+
+def check_readable_features(table: DeltaTable, path: str) -> None:
+    """Refuse a table whose files are not its rows (deletion vectors, column mapping)."""
+    unsafe = set(table.protocol().reader_features or []).intersection(FILE_LEVEL_UNSAFE_FEATURES)
+    if unsafe:
+        raise UnsupportedTableFeatureError(
+            f"table {path} uses {', '.join(sorted(unsafe))}; read it with storage.engine=delta-spark"
+        )
+
+
+def _has_log(path: str) -> bool:
+    if "://" in path and not path.startswith("file://"):
+        return DeltaTable.is_deltatable(path)
+    log_dir = Path(path.removeprefix("file://")) / "_delta_log"
+    return log_dir.is_dir() and any(log_dir.glob("*.json"))
+
+
+def _newest_logged(path: str) -> int | str:
+    commits = [int(p.stem) for p in (Path(path.removeprefix("file://")) / "_delta_log").glob("*.json")
+               if p.stem.isdigit()]
+    return max(commits) if commits else "?"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def data_files(table: DeltaTable, **pruning: Any) -> list[str]:
@@ -400,16 +438,24 @@ def arrow_dataset(table: DeltaTable) -> pyarrow.dataset.Dataset:
     return table.to_pyarrow_dataset(filesystem=folder)
 
 
-def _check_files_exist(path: str, version: int, files: Sequence[str]) -> None:
-    """An old version whose files a vacuum removed cannot be read: say so, rather than fail
-    later inside a Spark job. Local files only (a stat each); remote stores are left to Spark."""
+def check_files_exist(path: str, version: int, files: Sequence[str], *, latest: bool) -> None:
+    """Data files the version needs that are gone: say so, rather than fail later inside a
+    Spark job. Local files only (a stat each); remote stores are left to the reader. Of the
+    newest version vacuum never removes a file: there they were deleted outside Delta."""
     local = [f.removeprefix("file://") for f in files if "://" not in f or f.startswith("file://")]
     missing = sum(not os.path.exists(f) for f in local)
-    if missing:
-        raise TableNotFoundError(
-            f"table {path} v{version} can no longer be read: {missing} of its {len(files)} data files "
-            "are gone (removed by a vacuum, which keeps only storage.vacuum_retention_hours of history)"
+    if not missing:
+        return
+    gone = f"{missing} of its {len(files)} data files are gone"
+    if latest:
+        raise TableUnreadableError(
+            f"table {path} v{version} cannot be read: {gone}, deleted outside Delta (vacuum keeps "
+            "every file of the newest version); restore them from a backup, or overwrite the table"
         )
+    raise TableNotFoundError(
+        f"table {path} v{version} can no longer be read: {gone} (removed by a vacuum, which keeps "
+        "only storage.vacuum_retention_hours of history, or deleted outside Delta)"
+    )
 
 
 def spark_schema(table: DeltaTable) -> StructType:
