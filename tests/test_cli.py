@@ -147,7 +147,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGKILL"])
+def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path, stop_signal: str) -> None:
+    # SIGKILL: recsys ui cannot clean up, and the server (a session of its own) must still go.
     import signal
     import socket
     import time
@@ -173,7 +175,7 @@ def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path) -> None:
                 time.sleep(0.5)
         server = _descendants(ui.pid)
         assert server, "the UI runs in child processes"
-        ui.send_signal(signal.SIGTERM)
+        ui.send_signal(getattr(signal, stop_signal))
         ui.wait(timeout=30)
         deadline = time.monotonic() + 15
         while {p for p in server if _alive(p)} and time.monotonic() < deadline:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,6 +254,114 @@ def test_line_that_is_not_utf8_is_quarantined_with_its_bytes(
         assert extras == {"city": "Z\u00fcrich"}
 
 
+GOOD_TAOBAO = [f"{u},{u + 100},1,pv,{1511539200 + u}".encode() for u in range(1, 6)]
+
+
+def test_a_line_of_a_few_kb_is_quarantined_and_the_file_stays_ingestible(
+    spark, lake: Lakehouse, settings, capsys, tmp_path
+) -> None:
+    # Spark's Parquet writer drops the statistics of such values: the commit crashed on them,
+    # after bronze was committed, so every rerun failed the same way.
+    path = tmp_path / "events.csv"
+    path.write_bytes(b"\n".join([*GOOD_TAOBAO, b"9" * 2100]) + b"\n")
+    report = ingest(capsys, Path(settings.root), "taobao", path)
+    assert_reconciles(report)
+    assert (report["rows_clean"], report["quarantine_reasons"]) == (5, {"wrong_field_count": 1})
+    assert ingest(capsys, Path(settings.root), "taobao", path)["status"] == "skipped"
+    bronze = DeltaTable(lake.path(BRONZE_EVENTS_RAW))
+    assert bronze.to_pyarrow_table(filters=[("raw", "=", "9" * 2100)]).num_rows == 1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_lines_over_the_limit_are_quarantined_with_their_length_and_first_bytes(
+    spark, lake: Lakehouse, settings, capsys, tmp_path, suffix: str
+) -> None:
+    import gzip
+
+    long_crlf = b"1,2,3,pv," + b"7" * 5000  # ends in \r\n, as in a Windows file
+    long_last = b"\xff" + b"8" * 9000  # not UTF-8, and no newline at the end of the file
+    content = b"\n".join(GOOD_TAOBAO[:3]) + b"\n" + long_crlf + b"\r\n" + GOOD_TAOBAO[3] + b"\r" + long_last
+    path = tmp_path / f"events{suffix}"
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    code, report, err = run_cli(capsys, "ingest", "--format", "taobao", "--input", str(path), "--root",
+                                settings.root, "--json", "--set", "ingest.max_line_bytes=4096", *QUIET)
+    assert code == 0, err
+    assert_reconciles(report)
+    assert (report["rows_in"], report["lines_in"], report["rows_clean"]) == (6, 6, 4)
+    assert report["quarantine_reasons"] == {"line_too_long": 2}
+    rows = {r["detail"]: r for r in DeltaTable(lake.path(QUARANTINE_EVENTS)).to_pyarrow_table().to_pylist()}
+    first_bytes = "; first bytes: "
+    assert sorted(d.split(first_bytes)[0] for d in rows) == [
+        "line of 5009 bytes, over ingest.max_line_bytes=4096",
+        "line of 9001 bytes, over ingest.max_line_bytes=4096",
+    ]
+    heads = sorted(r["raw"] for r in rows.values())
+    assert heads == sorted([long_crlf[:256].decode(), long_last[:256].decode("utf-8", "replace")])
+    assert all(r["source_file"] == str(path) for r in rows.values())
+    bronze = DeltaTable(lake.path(BRONZE_EVENTS_RAW)).to_pyarrow_table().column("raw").to_pylist()
+    assert sorted(bronze) == sorted([g.decode() for g in GOOD_TAOBAO[:4]] + heads)
+
+
+def test_a_huge_line_without_newline_is_never_read_whole(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    # 200 MB on one line: the JVM (2 GB heap here) ran out of memory reading it as one string.
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as out:
+        out.write(b"\n".join(GOOD_TAOBAO) + b"\n")
+        for _ in range(200):
+            out.write(b"x" * (1 << 20))
+    report = ingest(capsys, Path(settings.root), "taobao", path)
+    assert_reconciles(report)
+    assert (report["rows_clean"], report["quarantine_reasons"]) == (5, {"line_too_long": 1})
+    (detail,) = [r["detail"] for r in DeltaTable(lake.path(QUARANTINE_EVENTS)).to_pyarrow_table().to_pylist()]
+    assert detail == f"line of {200 << 20} bytes, over ingest.max_line_bytes=1048576; first bytes: " + "x" * 256
+
+
+def _hostile_line(rng: random.Random, fmt: str) -> bytes:
+    """One line an attacker or a broken exporter might send (seeded, so a failure repeats)."""
+    kind = rng.randrange(7)
+    if kind == 0:  # random bytes, any length up to a few KB (newlines in them split the line)
+        return bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 7, 300, 5000])))
+    if kind == 1:  # nesting far past any parser's depth limit
+        depth = rng.choice([10, 1000, 10_000])
+        return (b'{"a":' * depth + b"1" + b"}" * depth) if rng.random() < 0.5 else b"[" * depth + b"]" * depth
+    if kind == 2:  # NUL bytes inside an otherwise good line
+        return b"1\x00,2,3,pv,1511539200" if fmt == "taobao" else b'{"user_id": "1\x00", "item_id": 2}'
+    if kind == 3:  # every field very long
+        field = "9" * rng.choice([100, 3000, 20_000])
+        if fmt == "jsonl":
+            return json.dumps({"event_id": field, "user_id": field, "item_id": 2, "behavior_type": field,
+                               "ts": field, "category_id": field, field: field}).encode()
+        return ",".join([field] * 5).encode() if fmt == "taobao" else " ".join([field] * 50).encode()
+    if kind == 4:  # a line over ingest.max_line_bytes (64 KiB here), up to 3 MB
+        return bytes([rng.choice(b"0123456789,{} ")]) * rng.choice([70_000, 3_000_000])
+    if kind == 5:  # plausible text in the wrong shape
+        return rng.choice([b"}", b"{}", b"{]", b"1,2", b",,,,", b"  ", b'"', b"\xef\xbb\xbf1,2,3,pv,1"])
+    return GOOD_TAOBAO[rng.randrange(5)]  # good lines mixed in
+
+
+@pytest.mark.parametrize("fmt", ["taobao", "jsonl", "sequences"])
+def test_hostile_lines_end_in_silver_quarantine_or_duplicates_never_a_crash(
+    spark, lake: Lakehouse, settings, capsys, tmp_path, fmt: str
+) -> None:
+    rng = random.Random(f"hostile-{fmt}-1")
+    path = tmp_path / "hostile.txt"
+    path.write_bytes(b"\n".join(_hostile_line(rng, fmt) for _ in range(120)) + b"\n")
+    code, report, err = run_cli(capsys, "ingest", "--format", fmt, "--input", str(path), "--root",
+                                settings.root, "--json", "--set", "ingest.max_line_bytes=65536", *QUIET)
+    if code != 0:  # nothing parsed: one clear line and nothing written
+        assert len([x for x in err.splitlines() if x.startswith("error:")]) == 1, err[-3000:]
+        assert "Traceback" not in err
+        assert not any((Path(settings.root) / layer).exists() for layer in ("bronze", "silver", "quarantine"))
+        return
+    assert_reconciles(report)
+    assert report["quarantine_reasons"].get("line_too_long", 0) >= 1
+    assert lake.read(BRONZE_EVENTS_RAW).count() == report["lines_in"]
+    assert lake.read(QUARANTINE_EVENTS).count() == report["rows_quarantined"]
+    assert lake.read(SILVER_EVENTS).count() == report["rows_clean"]
+    if fmt != "sequences":  # one row per line
+        assert report["rows_in"] == report["lines_in"]
+
+
 @pytest.mark.parametrize("name", ["log[2].csv", "x{1,2}.csv", "a*b?.csv", "back\\slash.csv"])
 def test_file_names_are_literal_not_glob_patterns(spark, lake: Lakehouse, settings, capsys, tmp_path, name) -> None:
     # Spark expands glob characters in paths: "log[2].csv" would read log2.csv instead.
@@ -324,6 +434,48 @@ def test_folder_is_read_with_its_subfolders(
     assert sorted(r.source_file for r in lake.read(SILVER_EVENTS).collect()) == expected
     again = ingest(capsys, Path(settings.root), "taobao", source)
     assert (again["status"], again["rows_duplicate"]) == ("skipped", 3)
+
+
+def test_a_damaged_silver_log_is_one_error_line_and_tables_lists_the_rest(
+    spark, lake: Lakehouse, settings, capsys, tmp_path
+) -> None:
+    path = tmp_path / "events.csv"
+    path.write_bytes(b"\n".join(GOOD_TAOBAO) + b"\n")
+    ingest(capsys, Path(settings.root), "taobao", path)
+    log = sorted((Path(lake.path(SILVER_EVENTS)) / "_delta_log").glob("*.json"))[-1]
+    log.write_bytes(log.read_bytes()[: log.stat().st_size // 2])
+    for command in ("features", "tables"):
+        code, _, err = run_cli(capsys, command, "--root", settings.root, *QUIET)
+        assert code == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: table ") and "silver/events" in lines[0]
+        assert f"v{int(log.stem)}" in lines[0] and "damaged" in lines[0]
+    from recsys_spark.cli import main
+
+    assert main(["tables", "--root", settings.root, *QUIET]) == 1
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert listed["silver/events"] == "unreadable" and listed[BRONZE_EVENTS_RAW].startswith("v")
+    assert main(["tables", "--root", settings.root, "--json", *QUIET]) == 1
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert error["exit_code"] == 1 and "silver/events" in error["error"]
+
+
+def test_links_are_followed_only_inside_the_input_folder(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("66,66,6,pv,1511539200\n")
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.csv").write_text("1,2,3,pv,1511539200\n")
+    (folder / "passwd").symlink_to("/etc/passwd")
+    (folder / "elsewhere").symlink_to(outside)
+    (folder / "secret.csv").symlink_to(outside / "secret.csv")
+    (folder / "again.csv").symlink_to(folder / "sub" / "a.csv")  # inside: the same file, read once
+    (folder / "sub2").symlink_to(folder / "sub")
+    report = ingest(capsys, Path(settings.root), "taobao", folder)
+    assert (report["rows_in"], report["rows_clean"], report["rows_quarantined"]) == (1, 1, 0)
+    assert [f["path"] for f in report["files"]] == [str(folder / "sub" / "a.csv")]
+    assert lake.read(BRONZE_EVENTS_RAW).count() == 1
 
 
 def test_many_files_are_read_together_and_keep_their_names(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
