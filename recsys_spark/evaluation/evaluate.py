@@ -70,12 +70,11 @@ def evaluate_scorer(
 
 
 def load_registered(model_uri: str, tracking_uri: str) -> Any:
-    """The ``RecommenderModel`` behind a registry URI (``models:/name@alias``)."""
-    import mlflow
+    """The ``RecommenderModel`` behind a registry URI (``models:/name@alias``), its files
+    verified against the digests recorded at registration (``load_registered_model``)."""
+    from recsys_spark.training.package import load_registered_model
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return load_registered_model(model_uri, tracking_uri)
 
 
 def evaluate_registered(

@@ -26,6 +26,7 @@ lineage: every table's content equals an uninterrupted run's, not which batch wr
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -63,7 +64,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
-from recsys_spark.errors import ConfigError
+from recsys_spark.errors import ConfigError, ModelIntegrityError
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
@@ -202,6 +203,7 @@ class NearlineSink:
         self._app_id: str | None = None
         self.max_length = settings.features.max_sequence_length
         self.scorer: RuleScorer | None = None
+        self._refused: set[str] = set()  # champion versions whose files failed verification
         self._features_version = -1
         self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
         self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
@@ -222,9 +224,19 @@ class NearlineSink:
         and popularity for the rules) has a new version."""
         version = champion_version(self.settings)
         features = self.lake.version(GOLD_ITEM_FEATURES) if self.lake.exists(GOLD_ITEM_FEATURES) else -1
-        if self.scorer is None or self.scorer.champion.version != version:
+        if self.scorer is None or (self.scorer.champion.version != version and version not in self._refused):
             previous = None if self.scorer is None else self.scorer.champion.version
-            self.scorer = RuleScorer.build(self.lake, self.settings, load_champion(self.settings, version))
+            try:
+                champion = load_champion(self.settings, version)
+            except ModelIntegrityError as exc:
+                if self.scorer is None:
+                    raise
+                # A tampered new champion: keep serving the verified one, say so once.
+                self._refused.add(version)
+                log_event(log, "stream.model_refused", level=logging.ERROR, version=version,
+                          serving=previous, error=str(exc))
+                return self.scorer
+            self.scorer = RuleScorer.build(self.lake, self.settings, champion)
             log_event(log, "stream.model_loaded", version=version, previous=previous)
         elif features != self._features_version:
             self.scorer = RuleScorer.build(self.lake, self.settings, self.scorer.champion)

@@ -1,23 +1,29 @@
 """How a trained model is packaged in MLflow, and loaded back — only through the registry.
 
-Each run logs two models:
+Each run logs one model, ``recommender``: an ``mlflow.pyfunc`` model that takes raw item ids and
+returns raw item ids: ``predict(pd.DataFrame({"history": [[raw ids, oldest first]], "user_id":
+[...]}), params={"k": 10})`` -> columns ``item_ids`` and ``scores`` (a history of only unknown
+items, where the network has nothing to go on, is ranked by training popularity, the share of
+training interactions being its score). It is the registered model (the champion/challenger
+aliases point at its versions); scoring and evaluation load it.
 
-* ``recommender`` — an ``mlflow.pyfunc`` model that takes raw item ids and returns raw item ids:
-  ``predict(pd.DataFrame({"history": [[raw ids, oldest first]], "user_id": [...]}),
-  params={"k": 10})`` -> columns ``item_ids`` and ``scores`` (a history of only unknown items,
-  where the network has nothing to go on, is ranked by training popularity, the share of
-  training interactions being its score). This is the registered model (the
-  champion/challenger aliases point at its versions); scoring and evaluation load it.
-* ``torch_model`` — the plain ``nn.Module`` via ``mlflow.pytorch.log_model`` (a ``ScoringModule``
-  mapping (B, L) item ids 1..I to (B, I) scores), for people who want the network itself.
-
-Weights are stored as a state dict and loaded with ``torch.load(weights_only=True)``; the
-architecture is JSON; the id dictionaries are Parquet.
+Nothing in it is a pickle. The pyfunc is logged as code (MLflow's "models from code":
+``pyfunc_code.py`` builds a ``RecommenderModel``), the weights are the state dict's arrays in a
+NumPy ``.npz`` read with ``allow_pickle=False``, the architecture is JSON, the id dictionaries
+are Parquet. At registration the SHA-256 of each of those files is recorded as the version's
+tag ``recsys.artifact_sha256``; ``load_registered_model`` — the platform's only way to load a
+model — checks them before it reads anything, and builds the model from the installed package,
+never running code from the store. The network itself is ``RecommenderModel.model`` (a plain
+``nn.Module``; ``score_batch`` maps an ``EvalBatch`` to (B, I) scores).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from mlflow.pyfunc import PythonModel
-from torch import nn
 
+from recsys_spark.errors import ModelIntegrityError
 from recsys_spark.training.batches import EvalBatch
-from recsys_spark.training.tasks import ModelSpec, Task, get_task
+from recsys_spark.training.tasks import ModelSpec, get_task
 
 if TYPE_CHECKING:
     from mlflow.pyfunc import PythonModelContext
@@ -40,6 +46,10 @@ ARCHITECTURE = "architecture"
 WEIGHTS = "weights"
 ITEMS = "items"
 USERS = "users"
+ARTIFACT_FILES = {ARCHITECTURE: "architecture.json", WEIGHTS: "weights.npz", ITEMS: "items.parquet",
+                  USERS: "users.parquet"}
+DIGESTS_TAG = "recsys.artifact_sha256"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_code.py")
 POPULARITY = "train_share"
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
@@ -51,55 +61,107 @@ PIP_REQUIREMENTS = [
 ]
 
 
-class ScoringModule(nn.Module):
-    """(B, L) item ids 1..I (for ``mf``: (B,) user indices) -> (B, I) scores."""
-
-    def __init__(self, task: Task, model: nn.Module) -> None:
-        super().__init__()
-        self.task = task
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sequences = x if x.dim() == 2 else x.unsqueeze(1)
-        empty = torch.full((len(x), 1), -1, dtype=torch.long)
-        batch = EvalBatch(users=x if x.dim() == 1 else torch.zeros(len(x), dtype=torch.long),
-                          inputs=sequences, behaviors=torch.zeros_like(sequences),
-                          gaps=torch.zeros_like(sequences), targets=empty, seen=empty)
-        return self.task.scores(self.model, batch)
-
-
 def write_artifacts(folder: Path, spec: ModelSpec, state: dict[str, torch.Tensor], items: pa.Table,
                     users: pa.Table | None) -> dict[str, str]:
     """Files of the pyfunc model; returns the ``artifacts`` mapping for ``log_model``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "architecture.json").write_text(json.dumps(spec.architecture(), indent=2))
-    torch.save(state, folder / "weights.pt")
+    paths = {key: folder / name for key, name in ARTIFACT_FILES.items()}
+    paths[ARCHITECTURE].write_text(json.dumps(spec.architecture(), indent=2))
+    np.savez(paths[WEIGHTS], **{name: tensor.detach().cpu().numpy() for name, tensor in state.items()})
     if spec.log_q is not None:  # each item's share of the training interactions
         items = items.append_column(POPULARITY, pa.array(np.exp(spec.log_q)[items.column("item_idx").to_numpy()]))
-    pq.write_table(items, folder / "items.parquet")
-    artifacts = {
-        ARCHITECTURE: str(folder / "architecture.json"),
-        WEIGHTS: str(folder / "weights.pt"),
-        ITEMS: str(folder / "items.parquet"),
-    }
+    pq.write_table(items, paths[ITEMS])
     if users is not None:
-        pq.write_table(users, folder / "users.parquet")
-        artifacts[USERS] = str(folder / "users.parquet")
-    return artifacts
+        pq.write_table(users, paths[USERS])
+    else:
+        del paths[USERS]
+    return {key: str(path) for key, path in paths.items()}
+
+
+def artifact_digests(artifacts: Mapping[str, str]) -> str:
+    """The value of the ``recsys.artifact_sha256`` tag: file name -> SHA-256 of its bytes."""
+    return json.dumps({Path(path).name: _sha256(Path(path)) for path in artifacts.values()}, sort_keys=True)
+
+
+def load_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel:
+    """The ``RecommenderModel`` of a registry URI (``models:/name@alias`` or ``models:/name/N``),
+    its files checked against the digests recorded at registration.
+
+    Raises:
+        ModelIntegrityError: a file is missing or differs from what was registered, or the
+            version has no digests (then nothing of it was read).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    # models:/ downloads resolve through the process's registry URI, whatever client asks
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    name, version = _registry_version(client, model_uri)
+    recorded = client.get_model_version(name, version).tags.get(DIGESTS_TAG)
+    if recorded is None:
+        raise ModelIntegrityError(
+            f"registered model {name!r} v{version} has no {DIGESTS_TAG} tag (not registered by this "
+            "version of recsys-spark): refusing to load it; train a new version"
+        )
+    expected: dict[str, str] = json.loads(recorded)
+    with tempfile.TemporaryDirectory(prefix="recsys-model-") as folder:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=folder))
+        paths = {}
+        for key, file_name in ARTIFACT_FILES.items():
+            if file_name not in expected:
+                continue
+            path = local / "artifacts" / file_name
+            if not path.is_file() or _sha256(path) != expected[file_name]:
+                state = "is missing" if not path.is_file() else "differs from the file registered"
+                raise ModelIntegrityError(
+                    f"registered model {name!r} v{version} refused: its artifact {file_name} {state} "
+                    f"(digest in the version tag {DIGESTS_TAG}); the tracking store was changed"
+                )
+            paths[key] = str(path)
+        if ARCHITECTURE not in paths or WEIGHTS not in paths or ITEMS not in paths:
+            raise ModelIntegrityError(f"registered model {name!r} v{version} lacks recsys artifacts")
+        return RecommenderModel.from_artifacts(paths)
+
+
+def _registry_version(client: Any, model_uri: str) -> tuple[str, str]:
+    match = re.fullmatch(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))", model_uri)
+    if match is None:
+        raise ValueError(f"not a registry URI (models:/name@alias or models:/name/N): {model_uri!r}")
+    if match["alias"]:
+        return match["name"], str(client.get_model_version_by_alias(match["name"], match["alias"]).version)
+    return match["name"], match["version"]
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class RecommenderModel(PythonModel):
     """The registered pyfunc: raw ids in, ranked raw ids out (see module docstring)."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        architecture = json.loads(Path(context.artifacts[ARCHITECTURE]).read_text())
+        self._load(context.artifacts)
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Mapping[str, str]) -> RecommenderModel:
+        """The model from its files (keys of ``ARTIFACT_FILES``), as MLflow would load it."""
+        model = cls()
+        model._load(artifacts)
+        return model
+
+    def _load(self, artifacts: Mapping[str, str]) -> None:
+        architecture = json.loads(Path(artifacts[ARCHITECTURE]).read_text())
         self.spec = ModelSpec(**architecture)
         self.task = get_task(self.spec.name)
         self.model = self.task.build(self.spec)
-        self.model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu",
-                                              weights_only=True))
+        with np.load(artifacts[WEIGHTS], allow_pickle=False) as weights:
+            self.model.load_state_dict({name: torch.from_numpy(weights[name]) for name in weights.files})
         self.model.eval()
-        items = pq.read_table(context.artifacts[ITEMS])
+        items = pq.read_table(artifacts[ITEMS])
         self.item_ids = _by_index(items, "item_idx", "item_id", self.spec.num_items)
         self.popularity = None  # versions registered before it was packaged have none
         if POPULARITY in items.column_names:
@@ -109,8 +171,8 @@ class RecommenderModel(PythonModel):
             self.popularity[index[keep]] = items.column(POPULARITY).to_numpy()[keep]
         self._item_sorted, self._item_order = _lookup(self.item_ids)
         self.user_ids = None
-        if USERS in context.artifacts:
-            users = pq.read_table(context.artifacts[USERS])
+        if USERS in artifacts:
+            users = pq.read_table(artifacts[USERS])
             self.user_ids = _by_index(users, "user_idx", "user_id", self.spec.num_users)
             self._user_sorted, self._user_order = _lookup(self.user_ids)
 

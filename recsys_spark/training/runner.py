@@ -74,7 +74,6 @@ class TrainingFailedError(RecsysError):
     """A DDP rank failed; its traceback is in the log."""
 
 MODEL_ARTIFACT = "recommender"
-TORCH_ARTIFACT = "torch_model"
 
 
 @dataclass
@@ -316,14 +315,14 @@ def _train_job(settings: Settings, spec: ModelSpec, data: TrainingData, run_id: 
 
 def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> dict[str, Any]:
     """Run ``train_worker`` on ``num_processes`` DDP ranks under TorchDistributor."""
-    from pyspark.ml.torch.distributor import TorchDistributor
+    from recsys_spark.training.distributor import BoundTorchDistributor
 
     t = settings.training
     local = t.local_mode if t.local_mode is not None else spark.sparkContext.master.startswith("local")
     scratch = Path(work_dir(settings)) / "torchrun"
     scratch.mkdir(parents=True, exist_ok=True)
-    distributor = TorchDistributor(num_processes=t.num_processes, local_mode=local,
-                                   use_gpu=torch.cuda.is_available())
+    distributor = BoundTorchDistributor(num_processes=t.num_processes, local_mode=local,
+                                        use_gpu=torch.cuda.is_available())
     previous = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(scratch)  # torchrun leaves folders in TMPDIR: keep them ours
     tempfile.tempdir = None
@@ -452,17 +451,18 @@ def _log_models(
     data: TrainingData,
     best_state: Path,
 ) -> str:
-    """Log the pyfunc (registered) and the plain torch module; return the new version."""
+    """Log and register the pyfunc, with the digests of its files; return the new version."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    from recsys_spark.training.package import PIP_REQUIREMENTS, RecommenderModel, ScoringModule, write_artifacts
+    from recsys_spark.training.package import (
+        DIGESTS_TAG,
+        PIP_REQUIREMENTS,
+        PYFUNC_CODE,
+        artifact_digests,
+        write_artifacts,
+    )
 
     state = torch.load(best_state, map_location="cpu", weights_only=True)
-    task = get_task(spec.name)
-    network = task.build(spec)
-    network.load_state_dict(state)
-    network.eval()
     items = _dictionary(lake, SILVER_ITEM_INDEX, ITEM_IDX, ITEM_ID, data.num_items)
     users = _dictionary(lake, SILVER_USER_INDEX, USER_IDX, USER_ID, data.num_users) if spec.name == "mf" else None
     uri = tracking_uri(settings)
@@ -470,26 +470,15 @@ def _log_models(
     mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory(dir=work_dir(settings)) as folder, mlflow.start_run(run_id=run_id):
         artifacts = write_artifacts(Path(folder), spec, state, items, users)
+        digests = artifact_digests(artifacts)
         raw_items = items.column(ITEM_ID).to_pylist()[:3]
         example = pd.DataFrame({"history": [raw_items], "user_id": [0]})
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=RecommenderModel(), artifacts=artifacts,
+            name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=artifacts,
             signature=_pyfunc_signature(), input_example=example,
             pip_requirements=PIP_REQUIREMENTS, registered_model_name=settings.mlflow.registered_model,
         )
-        scoring = ScoringModule(task, network)
-        if spec.name == "mf":
-            tensor_example = np.zeros(2, dtype=np.int64)
-        else:
-            tensor_example = np.zeros((2, spec.max_length), dtype=np.int64)
-            tensor_example[:, -1] = 1
-        with torch.no_grad():
-            tensor_output = scoring(torch.from_numpy(tensor_example)).numpy()
-        mlflow.pytorch.log_model(
-            scoring, name=TORCH_ARTIFACT, serialization_format="pickle",
-            signature=infer_signature(tensor_example, tensor_output), input_example=tensor_example,
-            pip_requirements=PIP_REQUIREMENTS,
-        )
     version = str(info.registered_model_version)
+    client.set_model_version_tag(settings.mlflow.registered_model, version, DIGESTS_TAG, digests)
     client.set_model_version_tag(settings.mlflow.registered_model, version, "recsys.model", spec.name)
     return version
