@@ -363,6 +363,89 @@ def test_gate_survives_an_unusable_champion_and_a_resumed_run_registers_once(
     assert "Traceback" not in err
 
 
+def test_a_tampered_registry_artifact_is_refused_and_runs_no_code(gold_root: str, tmp_path: Path, capsys) -> None:
+    client = client_for(tmp_path)
+    assert train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)["promoted"]
+    stored = tmp_path / "artifacts"
+    # nothing the platform loads is a pickle: the pyfunc is code, the weights are plain arrays
+    assert not list(stored.rglob("*.pkl")) and not list(stored.rglob("*.pt"))
+    (weights,) = stored.rglob("weights.npz")
+    (code_file,) = stored.rglob("pyfunc_code.py")
+    assert "recsys.artifact_sha256" in client.get_model_version(REGISTERED, "1").tags
+
+    from recsys_spark.evaluation.evaluate import load_registered
+    from recsys_spark.errors import ModelIntegrityError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert load_registered(f"models:/{REGISTERED}@champion", uri).spec.name == "mf"
+    marker = tmp_path / "ran"
+    code_file.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n" + code_file.read_text())
+    assert load_registered(f"models:/{REGISTERED}/1", uri).spec.name == "mf"  # the store's code never runs
+    assert not marker.exists()
+
+    with np.load(weights) as arrays:
+        tampered = {name: np.zeros_like(arrays[name]) for name in arrays.files}
+    np.savez(weights, **tampered)
+    with pytest.raises(ModelIntegrityError, match=r"v1 refused: its artifact weights.npz differs"):
+        load_registered(f"models:/{REGISTERED}@champion", uri)
+    code, _, err = run_cli(capsys, "score-batch", "--root", gold_root, *TINY, *store(tmp_path))
+    assert code == 1
+    (line,) = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert "weights.npz differs from the file registered" in line
+
+
+def _wildcard_listeners(pids: set[int]) -> set[tuple[int, str]]:
+    """(pid, local address) of the TCP sockets in LISTEN state on every interface owned by ``pids``."""
+    wildcard = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and set(address.split(":")[0]) == {"0"}:
+                wildcard[inode] = address
+    found = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        found |= {(pid, wildcard[link[8:-1]]) for link in links if link.startswith("socket:[") and link[8:-1] in wildcard}
+    return found
+
+
+def test_training_listens_on_loopback_only(gold_root: str, tmp_path: Path, capsys) -> None:
+    # torchrun's rendezvous stores (whose state torch unpickles) bound every interface.
+    import threading
+
+    seen: set[tuple[int, str]] = set()
+    ranks_seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            processes = _descendants(os.getpid())
+            ranks_seen.update(p for p in processes if b"bound_torchrun" in _cmdline(p))
+            seen.update(_wildcard_listeners(processes))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED, "--set", "training.num_processes=2")
+    finally:
+        done.set()
+        watcher.join()
+    assert result["world_size"] == 2 and ranks_seen, "the ranks ran under bound_torchrun"
+    assert not seen, f"listening on every interface: {seen}"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_resuming_a_run_that_stopped_early_trains_nothing_more(gold_root: str, tmp_path: Path) -> None:
     from deltalake import DeltaTable
 
