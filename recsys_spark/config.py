@@ -69,6 +69,12 @@ class SparkSettings(_Section):
     conf: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Any further Spark properties, passed through as-is."
     )
+    jars_dir: str | None = Field(
+        ".jars/spark",
+        description="Folder of Delta's and the Kafka connector's jars (`make setup` fetches them); "
+        "a session whose storage.engine is delta-spark, or whose stream reads Kafka, puts them on "
+        "its classpath. Relative to the working directory; null: the classpath is left as it is.",
+    )
 
 
 class StorageSettings(_Section):

@@ -62,3 +62,23 @@ class EngineUnavailableError(RecsysError):
 
 class ModelIntegrityError(RecsysError):
     """A registered model's files differ from those recorded at its registration."""
+
+
+class TrackingUnavailableError(RecsysError):
+    """The MLflow tracking store cannot be reached."""
+
+
+class RegistryError(RecsysError):
+    """The model registry does not hold what was asked for."""
+
+
+class TrainingFailedError(RecsysError):
+    """A DDP rank failed; its traceback is in the log."""
+
+
+class NoChampionError(RecsysError):
+    """The registry has no champion to serve."""
+
+
+class StreamFailedError(RecsysError):
+    """The nearline query stopped on an error; its cause is in the message and the log."""

@@ -94,6 +94,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
     conf.update(
         {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.spark.conf.items()}
     )
+    if settings.storage.engine == "delta-spark" or settings.serving.stream.source == "kafka":
+        extra = project_jars(settings)
+        if extra:
+            conf["spark.jars"] = ",".join([*filter(None, conf.get("spark.jars", "").split(",")), *extra])
     if settings.storage.engine == "delta-spark" or (
         settings.storage.engine == "auto" and delta_jars_configured(conf)
     ):
@@ -102,6 +106,13 @@ def session_conf(settings: Settings) -> dict[str, str]:
         # New tables without deletion vectors stay readable by the delta-rs engine.
         conf.setdefault("spark.databricks.delta.properties.defaults.enableDeletionVectors", "false")
     return conf
+
+
+def project_jars(settings: Settings) -> list[str]:
+    """The jars of ``spark.jars_dir`` (none when it is unset or holds none)."""
+    if not settings.spark.jars_dir:
+        return []
+    return sorted(str(p.resolve()) for p in Path(settings.spark.jars_dir).glob("*.jar"))
 
 
 def delta_jars_configured(conf: dict[str, str]) -> bool:

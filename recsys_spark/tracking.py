@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_spark.config import Settings
-from recsys_spark.errors import RecsysError
+from recsys_spark.errors import RegistryError, TrackingUnavailableError
 from recsys_spark.evaluation.metrics import metric_key
 from recsys_spark.logs import get_logger, log_event
 
@@ -30,14 +30,6 @@ log = get_logger("tracking")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-
-
-class TrackingUnavailableError(RecsysError):
-    """The MLflow tracking store cannot be reached."""
-
-
-class RegistryError(RecsysError):
-    """The model registry does not hold what was asked for."""
 
 
 def tracking_uri(settings: Settings) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +13,27 @@ from recsys_spark.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+JARS_DIR = REPO / ".jars" / "spark"
+HAVE_DELTA_JARS = any(JARS_DIR.glob("delta-spark_*.jar"))
+NO_DELTA_JARS = (f"Delta's jars are not in {JARS_DIR}: `make setup` could not fetch them from Maven "
+                 "Central (see .jars/fetch.log)")
+# Tests run on the embedded engine unless they ask for another; the shared session carries
+# Delta's jars (when fetched) so that the delta-spark cases can run in it too.
 TEST_OVERRIDES = [
     "spark.master=local[2]",
     "spark.shuffle_partitions=2",
     "spark.driver_memory=2g",
     "logging.level=WARNING",
+    "storage.engine=delta-rs",
+    f"spark.jars_dir={JARS_DIR}",
+]
+# Commands run in-process (and test subprocesses) read their engine from the environment too:
+# the shared session holds Delta's jars, so `auto` would pick delta-spark for every CLI test.
+os.environ["RECSYS__STORAGE__ENGINE"] = "delta-rs"
+ENGINES = [
+    pytest.param("delta-rs", id="delta-rs"),
+    pytest.param("delta-spark", id="delta-spark", marks=[
+        pytest.mark.delta_spark, pytest.mark.skipif(not HAVE_DELTA_JARS, reason=NO_DELTA_JARS)]),
 ]
 
 
@@ -34,7 +51,8 @@ def make_settings(root: Path, *extra: str) -> Settings:
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from recsys_spark.spark import get_spark
 
-    session = get_spark(make_settings(tmp_path_factory.mktemp("spark")))
+    engine = "delta-spark" if HAVE_DELTA_JARS else "delta-rs"
+    session = get_spark(make_settings(tmp_path_factory.mktemp("spark"), f"storage.engine={engine}"))
     yield session
     session.stop()
 

@@ -29,3 +29,18 @@ def test_storage_api() -> None:
 def test_stage_entry_points() -> None:
     assert ingest.__all__ == ["IngestReport", "run_ingest"]
     assert features.__all__ == ["FeatureReport", "build_features"]
+
+
+def test_named_errors_live_in_one_module() -> None:
+    import ast
+    from pathlib import Path
+
+    package = Path(storage.__file__).parents[1]
+    elsewhere = []
+    for path in package.rglob("*.py"):
+        if path.name == "errors.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and not node.name.startswith("_"):
+                elsewhere.append(f"{path.relative_to(package)}:{node.name}")
+    assert not elsewhere, f"errors defined outside recsys_spark/errors.py: {elsewhere}"

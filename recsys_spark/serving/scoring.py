@@ -35,7 +35,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
-from recsys_spark.errors import RecsysError
+from recsys_spark.errors import NoChampionError
 from recsys_spark.evaluation.evaluate import load_registered
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.serving.rules import (
@@ -64,10 +64,6 @@ RECOMMENDATION_SCHEMA = (
     "model_version string, generated_at timestamp, last_event_ts timestamp, stream_batch_id long, "
     "intra_list_diversity double, source string"
 )
-
-
-class NoChampionError(RecsysError):
-    """The registry has no champion to serve."""
 
 
 @dataclass

@@ -64,7 +64,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
-from recsys_spark.errors import ConfigError, ModelIntegrityError
+from recsys_spark.errors import ConfigError, ModelIntegrityError, StreamFailedError
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
@@ -482,6 +482,6 @@ def run_stream(
             query.processAllAvailable()  # commit what has landed before stopping
             query.stop()
     if query.exception() is not None:
-        raise RuntimeError(f"nearline query failed: {query.exception()}")
+        raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
     return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
             "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}

@@ -7,6 +7,7 @@ commits; the embedded default). Both produce genuine Delta tables that either ca
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from recsys_spark.constants import LAYERS
-from recsys_spark.errors import TableNameError
+from recsys_spark.errors import SchemaMismatchError, TableNameError, TableNotFoundError, TableUnreadableError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
 WriteMode = Literal["append", "overwrite"]
 # One conjunct of a partition selection: (column, "=" | "in", value or values).
@@ -175,3 +177,69 @@ def _sql_literal(value: Any) -> str:
         return repr(value)
     text = str(value).replace("'", "''")
     return f"'{text}'"
+
+
+def check_layout(
+    location: str,
+    current: StructType,
+    current_partitions: Sequence[str],
+    schema: StructType,
+    partition_by: Sequence[str],
+    *,
+    keep_schema: bool,
+) -> None:
+    """Refuse a write whose partitioning, or (``keep_schema``) columns and types, differ from
+    the table's (``current``), before anything is written."""
+    if list(partition_by) != list(current_partitions):
+        raise SchemaMismatchError(
+            f"table {location} is partitioned by {list(current_partitions)}, the write asked for "
+            f"{list(partition_by)}"
+        )
+    if not keep_schema:
+        return
+    expected = {f.name: f.dataType for f in current.fields}
+    given = {f.name: f.dataType for f in schema.fields}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(given)
+                   if _strip_nullability(expected[n]) != _strip_nullability(given[n]))
+    if missing or extra or wrong:
+        raise SchemaMismatchError(
+            f"write to {location}: missing columns {missing}, unexpected columns {extra}, "
+            f"different types {wrong}"
+        )
+
+
+def _strip_nullability(data_type: Any) -> str:
+    """A type's identity without nullability flags, which Spark and Delta track differently."""
+    text = data_type.json()
+    for flag in ('"containsNull":false', '"valueContainsNull":false', '"nullable":false'):
+        text = text.replace(flag, flag.replace("false", "true"))
+    return text
+
+
+def check_files_exist(path: str, version: int, files: Sequence[str], *, latest: bool) -> None:
+    """Data files the version needs that are gone: say so, rather than fail later inside a
+    Spark job. Local files only (a stat each); remote stores are left to the reader. Of the
+    newest version vacuum never removes a file: there they were deleted outside Delta."""
+    missing = missing_local_files(files)
+    if not missing:
+        return
+    gone = f"{missing} of its {len(files)} data files are gone"
+    if latest:
+        raise TableUnreadableError(
+            f"table {path} v{version} cannot be read: {gone}, deleted outside Delta (vacuum keeps "
+            "every file of the newest version); restore them from a backup, or overwrite the table"
+        )
+    raise TableNotFoundError(
+        f"table {path} v{version} can no longer be read: {gone} (removed by a vacuum, which keeps "
+        "only storage.vacuum_retention_hours of history, or deleted outside Delta)"
+    )
+
+
+def missing_local_files(files: Sequence[str]) -> int:
+    """How many of ``files`` (paths or ``file:`` URIs; remote ones are not checked) are gone."""
+    # Spark's input files are Hadoop paths as text ("file:/x", decoded), delta-rs's plain paths
+    local = [(f.removeprefix("file://") if f.startswith("file:///") else f.removeprefix("file:"))
+             for f in files if "://" not in f or f.startswith("file:")]
+    return sum(not os.path.exists(f) for f in local)

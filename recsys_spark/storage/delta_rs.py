@@ -58,6 +58,8 @@ from recsys_spark.storage.base import (
     PartitionFilter,
     TableEngine,
     WriteMode,
+    check_files_exist,
+    check_layout,
     merge_predicate,
 )
 
@@ -438,26 +440,6 @@ def arrow_dataset(table: DeltaTable) -> pyarrow.dataset.Dataset:
     return table.to_pyarrow_dataset(filesystem=folder)
 
 
-def check_files_exist(path: str, version: int, files: Sequence[str], *, latest: bool) -> None:
-    """Data files the version needs that are gone: say so, rather than fail later inside a
-    Spark job. Local files only (a stat each); remote stores are left to the reader. Of the
-    newest version vacuum never removes a file: there they were deleted outside Delta."""
-    local = [f.removeprefix("file://") for f in files if "://" not in f or f.startswith("file://")]
-    missing = sum(not os.path.exists(f) for f in local)
-    if not missing:
-        return
-    gone = f"{missing} of its {len(files)} data files are gone"
-    if latest:
-        raise TableUnreadableError(
-            f"table {path} v{version} cannot be read: {gone}, deleted outside Delta (vacuum keeps "
-            "every file of the newest version); restore them from a backup, or overwrite the table"
-        )
-    raise TableNotFoundError(
-        f"table {path} v{version} can no longer be read: {gone} (removed by a vacuum, which keeps "
-        "only storage.vacuum_retention_hours of history, or deleted outside Delta)"
-    )
-
-
 def spark_schema(table: DeltaTable) -> StructType:
     """The table's schema as a Spark ``StructType`` (Delta's schema JSON is Spark's format)."""
     from pyspark.sql.types import StructType
@@ -502,32 +484,8 @@ def _conform(source: pa.Table, table: DeltaTable, what: str) -> pa.Table:
 def _check_layout(
     table: DeltaTable, schema: StructType, partition_by: Sequence[str], *, keep_schema: bool
 ) -> None:
-    current = table.metadata().partition_columns
-    if list(partition_by) != list(current):
-        raise SchemaMismatchError(
-            f"table {table.table_uri} is partitioned by {current}, the write asked for "
-            f"{list(partition_by)}"
-        )
-    if not keep_schema:
-        return
-    expected = {f.name: f.dataType for f in spark_schema(table).fields}
-    given = {f.name: f.dataType for f in schema.fields}
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(given) if _strip_nullability(expected[n]) != _strip_nullability(given[n]))
-    if missing or extra or wrong:
-        raise SchemaMismatchError(
-            f"write to {table.table_uri}: missing columns {missing}, unexpected columns {extra}, "
-            f"different types {wrong}"
-        )
-
-
-def _strip_nullability(data_type: Any) -> str:
-    """A type's identity without nullability flags, which Spark and Delta track differently."""
-    text = data_type.json()
-    for flag in ('"containsNull":false', '"valueContainsNull":false', '"nullable":false'):
-        text = text.replace(flag, flag.replace("false", "true"))
-    return text
+    check_layout(table.table_uri, spark_schema(table), table.metadata().partition_columns, schema,
+                 partition_by, keep_schema=keep_schema)
 
 
 def _nullable_arrow_schema(schema: StructType) -> pa.Schema:

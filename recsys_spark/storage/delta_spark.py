@@ -6,14 +6,18 @@ native one, so writes and MERGEs run fully distributed. The session factory sets
 table properties so new tables have deletion vectors disabled and the delta-rs engine can read
 them too.
 
-These machines cannot fetch Delta's jars (Maven is unreachable), so this engine's tests skip here
-with that reason; the delta-rs engine is what runs locally and in CI.
+Locally the jars come from ``make setup`` (``.jars/spark``); the storage contract's tests run on
+both engines in one session. Where this engine differs: a failed write can leave uncommitted
+data files in the table folder (never visible; ``vacuum`` removes them), and commits that
+conflict with a concurrent one are retried as delta-rs's are.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from deltalake import DeltaTable as DeltaRsTable
 
-from recsys_spark.errors import CommitFailedError, TableNotFoundError
+from recsys_spark.errors import CommitFailedError, SchemaMismatchError, TableNotFoundError
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.storage.base import (
     CommitResult,
@@ -29,7 +33,10 @@ from recsys_spark.storage.base import (
     PartitionFilter,
     TableEngine,
     WriteMode,
+    check_files_exist,
+    check_layout,
     merge_predicate,
+    missing_local_files,
     partition_filters_sql,
 )
 
@@ -41,6 +48,10 @@ log = get_logger("storage.delta_spark")
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 _USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+_COMMIT_ATTEMPTS = 5
+# Delta's optimistic-concurrency failures: nothing was committed, the operation may run again.
+_CONFLICTS = ("DELTA_CONCURRENT", "ConcurrentAppendException", "ConcurrentDeleteReadException",
+              "ConcurrentDeleteDeleteException", "ConcurrentTransactionException", "MetadataChangedException")
 
 
 class DeltaSparkEngine(TableEngine):
@@ -84,7 +95,18 @@ class DeltaSparkEngine(TableEngine):
             reader = reader.option("versionAsOf", version)
         if timestamp is not None:
             reader = reader.option("timestampAsOf", timestamp.isoformat())
-        return reader.load(path)
+        try:
+            df = reader.load(path)
+        except Exception as exc:
+            if "DELTA_TIMESTAMP_EARLIER_THAN_COMMIT_RETENTION" in str(exc):
+                raise TableNotFoundError(f"table {path} did not exist at {timestamp}") from exc
+            raise
+        # the version's files, from the log: gone ones fail here, not inside a Spark job
+        files = df.inputFiles()
+        if missing_local_files(files):
+            shown = version if version is not None else self.version(path)
+            check_files_exist(path, shown, files, latest=version is None and timestamp is None)
+        return df
 
     def write(
         self,
@@ -97,7 +119,13 @@ class DeltaSparkEngine(TableEngine):
         idempotency: Idempotency | None,
         commit_info: dict[str, str],
     ) -> CommitResult:
-        before = self.version(path) if self.exists(path) else -1
+        before = -1
+        if self.exists(path):
+            table = self._table(path)
+            before = self.version(path)
+            # An overwrite of selected partitions keeps the others: it must keep their schema.
+            check_layout(path, table.toDF().schema, table.detail().first()["partitionColumns"], df.schema,
+                         partition_by, keep_schema=mode == "append" or bool(partition_filters))
         writer = df.write.format("delta").mode(mode).partitionBy(*partition_by)
         if partition_filters:
             writer = writer.option("replaceWhere", partition_filters_sql(partition_filters))
@@ -109,8 +137,11 @@ class DeltaSparkEngine(TableEngine):
         if commit_info:
             writer = writer.option("userMetadata", json.dumps(commit_info))
         try:
-            writer.save(path)
+            _retrying_conflicts(path, lambda: writer.save(path))
         except Exception as exc:  # Delta surfaces conflicts as Py4J/Analysis exceptions
+            if "DELTA_REPLACE_WHERE_MISMATCH" in str(exc):
+                raise ValueError(f"data outside the partitions being replaced ({partition_filters}) "
+                                 f"in the write to {path}") from exc
             raise CommitFailedError(f"writing {path} failed, nothing was committed: {exc}") from exc
         return self._result(path, before)
 
@@ -139,6 +170,9 @@ class DeltaSparkEngine(TableEngine):
         if isinstance(df, pa.Table):
             df = self.spark.createDataFrame(df)
         before = self.version(path)
+        extra = sorted(set(df.columns) - set(self._table(path).toDF().columns))
+        if extra:  # Delta's updateAll would drop them silently
+            raise SchemaMismatchError(f"upsert into {path}: unexpected columns {extra}")
         merge = (
             self._table(path)
             .alias("t")
@@ -148,10 +182,10 @@ class DeltaSparkEngine(TableEngine):
         )
         with self._session_conf(idempotency, commit_info):
             try:
-                merge.execute()
+                _retrying_conflicts(path, merge.execute)
             except Exception as exc:
                 raise CommitFailedError(f"upsert into {path} failed: {exc}") from exc
-        return self._result(path, before)
+        return self._result(path, before, merged=True)
 
     def delete(self, path: str, predicate: str) -> CommitResult:
         before = self.version(path)
@@ -168,23 +202,25 @@ class DeltaSparkEngine(TableEngine):
         # Delta refuses retention below its safety threshold unless this check is off; the
         # retention comes from our config, which is the user's explicit decision.
         self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        before = _visible_files(path)
         self._table(path).vacuum(retention_hours)
-        return []  # delta-spark's vacuum reports counts in its logs, not the file list
+        return sorted(before - _visible_files(path))  # Delta logs counts only
 
     def _table(self, path: str) -> Any:
         if not self.exists(path):
             raise TableNotFoundError(f"no Delta table at {path}")
         return self._delta_table.forPath(self.spark, path)
 
-    def _result(self, path: str, before: int) -> CommitResult:
+    def _result(self, path: str, before: int, *, merged: bool = False) -> CommitResult:
         after = self.version(path)
         if after == before:
             log_event(log, "delta.write.skipped", table=path)
             return CommitResult(version=after, skipped=True)
         metrics = self.history(path, 1)[0].get("operationMetrics") or {}
-        rows = int(metrics.get("numOutputRows", 0)) or (
-            int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
-        )
+        if merged:  # a MERGE's output rows include the unchanged rows it copied
+            rows = int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
+        else:
+            rows = int(metrics.get("numOutputRows", 0))
         files = int(metrics.get("numFiles", 0) or metrics.get("numTargetFilesAdded", 0))
         log_event(log, "delta.write", table=path, version=after, rows=rows, files=files)
         return CommitResult(version=after, rows_written=rows, files_added=files)
@@ -207,3 +243,25 @@ class DeltaSparkEngine(TableEngine):
         finally:
             for key in values:
                 self.spark.conf.unset(key)
+
+
+def _retrying_conflicts(path: str, operation: Callable[[], object]) -> None:
+    """Run ``operation``; again (a few times) when a concurrent commit conflicted with it."""
+    for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+        try:
+            operation()
+            return
+        except Exception as exc:
+            if attempt == _COMMIT_ATTEMPTS or not any(name in str(exc) for name in _CONFLICTS):
+                raise
+            log_event(log, "delta.commit_conflict", table=path, attempt=attempt, error=str(exc)[:300])
+            time.sleep(0.1 * attempt)
+
+
+def _visible_files(path: str) -> set[str]:
+    """The table folder's files outside Delta's log and hidden folders (local tables)."""
+    found = set()
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        found.update(os.path.join(folder, f) for f in files if not f.startswith(("_", ".")))
+    return found

@@ -39,7 +39,7 @@ from recsys_spark.constants import (
     USER_IDX,
     VALIDATION,
 )
-from recsys_spark.errors import ConfigError, InputDataError, RecsysError, TableNotFoundError
+from recsys_spark.errors import ConfigError, InputDataError, RecsysError, TableNotFoundError, TrainingFailedError
 from recsys_spark.evaluation.evaluate import evaluate_registered, load_registered
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.spark import work_dir
@@ -69,9 +69,6 @@ if TYPE_CHECKING:
 
 log = get_logger("train")
 
-
-class TrainingFailedError(RecsysError):
-    """A DDP rank failed; its traceback is in the log."""
 
 MODEL_ARTIFACT = "recommender"
 
