@@ -421,6 +421,38 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     assert unknown.cold_start and unknown.source == "cold_start" and unknown.item_ids
 
 
+def test_the_stream_quarantines_long_and_hostile_lines_and_keeps_running(spark, served, tmp_path) -> None:
+    from recsys_spark.serving.streaming import start_stream
+    from recsys_spark.storage import open_lakehouse
+
+    root = tmp_path / "lake"
+    shutil.copytree(served["pristine"], root)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    settings = make_settings(root, f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5",
+                             "ingest.max_line_bytes=65536")
+    user = sorted(_table(str(root), "gold/user_sequences").column("user_id").to_pylist())[0]
+    good = json.dumps({"user_id": user, "item_id": 5, "behavior_type": "pv", "ts": int(time.time() * 1000)})
+    wide = json.dumps({"user_id": user, "item_id": 6, "behavior_type": "pv", "ts": int(time.time() * 1000),
+                       "note": "x" * 5000})  # a value whose Parquet statistics Spark drops
+    _land(landing, [good, wide, "9" * 200_000, "{" * 10_000, b"a\x00b"], "hostile.jsonl")
+    query = start_stream(spark, open_lakehouse(spark, settings), settings)
+    try:
+        query.processAllAvailable()
+        assert query.isActive
+    finally:
+        query.stop()
+    ours = [r for r in _table(str(root), "quarantine/events").to_pylist()
+            if r["ingest_run_id"].startswith("recsys-nearline-")]
+    assert sorted(r["reason"] for r in ours) == ["line_too_long", "malformed_json", "malformed_json"]
+    (too_long,) = [r for r in ours if r["reason"] == "line_too_long"]
+    assert too_long["detail"].startswith("line of 200000 bytes") and len(too_long["raw"]) == 256
+    metrics = _table(str(root), "ops/stream_metrics").to_pylist()[-1]
+    assert (metrics["rows_in"], metrics["rows_clean"], metrics["rows_quarantined"]) == (5, 2, 3)
+    bronze = DeltaTable(str(root / "bronze" / "events_raw"))
+    assert bronze.to_pyarrow_table(filters=[("raw", "=", wide)]).num_rows == 1
+
+
 def _stream_process(root: Path, landing: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), "--landing", str(landing),
