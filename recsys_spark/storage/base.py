@@ -32,6 +32,8 @@ PartitionFilter = tuple[str, Literal["=", "in"], Any]
 FILE_LEVEL_UNSAFE_FEATURES = ("deletionVectors", "columnMapping")
 
 _SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Commits that conflict with a concurrent one are tried this often in all, on either engine.
+COMMIT_ATTEMPTS = 5
 TABLE_NAME = re.compile(r"^(?P<layer>[a-z]+)/(?P<table>[a-z][a-z0-9_]*)$")
 
 

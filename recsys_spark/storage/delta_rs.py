@@ -52,6 +52,7 @@ from recsys_spark.errors import (
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.spark import literal_path
 from recsys_spark.storage.base import (
+    COMMIT_ATTEMPTS,
     FILE_LEVEL_UNSAFE_FEATURES,
     CommitResult,
     Idempotency,
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 log = get_logger("storage.delta_rs")
 
 STAGING_DIR = "_staging"
-_COMMIT_ATTEMPTS = 5
 _COMMIT_INFO_FIELDS = {
     "timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo",
     "clientVersion", "version", "readVersion", "isBlindAppend", "userMetadata",
@@ -349,7 +349,7 @@ class DeltaRsEngine(TableEngine):
                 commit(table)
                 return None
             except DeltaCommitFailed as exc:
-                if attempt == _COMMIT_ATTEMPTS:
+                if attempt == COMMIT_ATTEMPTS:
                     raise
                 log_event(log, "delta.commit_conflict", table=path, attempt=attempt, error=str(exc)[:300])
                 time.sleep(0.1 * attempt)

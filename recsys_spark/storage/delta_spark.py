@@ -28,6 +28,7 @@ from deltalake import DeltaTable as DeltaRsTable
 from recsys_spark.errors import CommitFailedError, SchemaMismatchError, TableNotFoundError
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.storage.base import (
+    COMMIT_ATTEMPTS,
     CommitResult,
     Idempotency,
     PartitionFilter,
@@ -48,7 +49,6 @@ log = get_logger("storage.delta_spark")
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 _USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
-_COMMIT_ATTEMPTS = 5
 # Delta's optimistic-concurrency failures: nothing was committed, the operation may run again.
 _CONFLICTS = ("DELTA_CONCURRENT", "ConcurrentAppendException", "ConcurrentDeleteReadException",
               "ConcurrentDeleteDeleteException", "ConcurrentTransactionException", "MetadataChangedException")
@@ -247,12 +247,12 @@ class DeltaSparkEngine(TableEngine):
 
 def _retrying_conflicts(path: str, operation: Callable[[], object]) -> None:
     """Run ``operation``; again (a few times) when a concurrent commit conflicted with it."""
-    for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
         try:
             operation()
             return
         except Exception as exc:
-            if attempt == _COMMIT_ATTEMPTS or not any(name in str(exc) for name in _CONFLICTS):
+            if attempt == COMMIT_ATTEMPTS or not any(name in str(exc) for name in _CONFLICTS):
                 raise
             log_event(log, "delta.commit_conflict", table=path, attempt=attempt, error=str(exc)[:300])
             time.sleep(0.1 * attempt)
