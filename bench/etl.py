@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, gib, machine, record, run_worker  # noqa: E402
+from common import REPO, gib, machine, record, run_worker
 
-from recsys_spark.logs import event_fields  # noqa: E402
+from recsys_spark.logs import event_fields
 
 TARGET_RATIO = 2.0
 TARGET_PEAK_GIB = 4.0

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from common import REPO, machine, record
 from deltalake import DeltaTable, write_deltalake
 
-from common import REPO, machine, record
-
 from recsys_spark.serving.lookup import RecommendationLookup
-from recsys_spark.serving.streaming import recommendation_schema
+from recsys_spark.serving.schemas import RECOMMENDATION_SCHEMA
 
 QUIET = ["--set", "logging.level=WARNING"]
 
@@ -71,7 +70,9 @@ def run_at(root: Path, stream_log: Path, rate: float, seconds: float, tag: str) 
         [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), "--landing", str(landing),
          "--set", f"serving.stream.checkpoint={checkpoint}", "--set", "spark.master=local[2]",
          "--set", "serving.stream.trigger_seconds=1", *QUIET],
-        stdout=subprocess.DEVNULL, stderr=open(root.parent / f"stream-{tag}.log", "w"), start_new_session=True)
+        stdout=subprocess.DEVNULL,
+        stderr=open(root.parent / f"stream-{tag}.log", "w"),  # noqa: SIM115 - the child holds it
+        start_new_session=True)
     time.sleep(45)  # session start and the first (empty) trigger
     events = int(rate * seconds)
     replay = recsys("replay", "--input", str(stream_log), "--format", "jsonl", "--landing", str(landing),
@@ -133,7 +134,7 @@ def lookup_latency(folder: Path, users: int = 100_000, k: int = 50) -> dict:
         "stream_batch_id": pa.nulls(users, pa.int64()),
         "intra_list_diversity": rng.random(users),
         "source": ["batch"] * users,
-    }, schema=recommendation_schema())  # the serving table's own schema, as the stream writes it
+    }, schema=RECOMMENDATION_SCHEMA)  # the serving table's own schema, as the stream writes it
     write_deltalake(str(root / "serving" / "recommendations"), table)
     started = time.perf_counter()
     lookup = RecommendationLookup(str(root), refresh_seconds=1.0)
@@ -146,7 +147,8 @@ def lookup_latency(folder: Path, users: int = 100_000, k: int = 50) -> dict:
         lookup.get(int(user), 10)
         timings.append((time.perf_counter_ns() - t) / 1e6)
     return {"users": users, "snapshot_load_s": round(load, 2), "lookups": len(timings),
-            "p50_ms": round(float(np.percentile(timings, 50)), 4), "p99_ms": round(float(np.percentile(timings, 99)), 4),
+            "p50_ms": round(float(np.percentile(timings, 50)), 4),
+            "p99_ms": round(float(np.percentile(timings, 99)), 4),
             "max_ms": round(float(np.max(timings)), 2)}
 
 
@@ -176,7 +178,8 @@ def main() -> None:
         f"Machine: {machine()}; `recsys stream` on `local[2]`, 1 s trigger, default model (sasrec, "
         "3-minute training on a 20k-user synthetic log), file source fed by `recsys replay`.",
         "",
-        "| run | events/s (achieved) | events | micro-batches | p95 latency | max latency | median batch processing | p95 first → last third | drain after last file | backlog grows |",
+        "| run | events/s (achieved) | events | micro-batches | p95 latency | max latency | median batch processing "
+        "| p95 first → last third | drain after last file | backlog grows |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, run in [(f"sustained {args.minutes:g} min", sustained)] + [("ramp 60 s", r) for r in ramp]:

@@ -6,10 +6,11 @@ Shapes: N scored positions, D dim, I items, S sampled negatives, B batch. Target
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-
 
 # Rows of logits per block: small enough that a (256, I) block is a few MB for catalogues of ~10^4
 # items, large enough that each block's matmuls still run at full speed.
@@ -26,7 +27,7 @@ class _BlockwiseSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor,
+    def forward(ctx: Any, hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.Tensor,
                 block_rows: int) -> torch.Tensor:
         rows = hidden.shape[0]
         exact = torch.promote_types(hidden.dtype, torch.float32)  # half-precision inputs sum in float32
@@ -44,9 +45,9 @@ class _BlockwiseSoftmaxCrossEntropy(torch.autograd.Function):
                 probabilities = logits.sub_(normaliser).exp_()
                 probabilities.scatter_add_(1, index, torch.full_like(index, -1, dtype=probabilities.dtype))
                 gradient = probabilities.to(hidden.dtype)
-                if want_hidden:
+                if grad_hidden is not None:
                     grad_hidden[start:start + block_rows] = gradient @ catalogue
-                if want_catalogue:
+                if grad_catalogue is not None:
                     grad_catalogue.addmm_(gradient.T.to(exact), block.to(exact))
         ctx.rows = max(rows, 1)
         ctx.save_for_backward(grad_hidden, None if grad_catalogue is None else grad_catalogue.to(catalogue.dtype))
@@ -54,7 +55,7 @@ class _BlockwiseSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         grad_hidden, grad_catalogue = ctx.saved_tensors
         scale = grad_output / ctx.rows
         return (None if grad_hidden is None else grad_hidden * scale,
@@ -68,7 +69,7 @@ def full_softmax(hidden: torch.Tensor, catalogue: torch.Tensor, targets: torch.T
     Equal to ``F.cross_entropy(hidden @ catalogue.T, targets - 1)`` (value and gradients), computed
     ``block_rows`` rows at a time; not twice differentiable.
     """
-    if targets.numel() and not (1 <= int(targets.min()) and int(targets.max()) <= catalogue.shape[0]):
+    if targets.numel() and not (int(targets.min()) >= 1 and int(targets.max()) <= catalogue.shape[0]):
         raise ValueError(f"targets must be item ids in 1..{catalogue.shape[0]}")
     return _BlockwiseSoftmaxCrossEntropy.apply(hidden, catalogue, targets - 1, block_rows)
 

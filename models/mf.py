@@ -61,7 +61,8 @@ class MatrixFactorization(nn.Module):
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """users (B,) -> logits (B, I) over items 1..I."""
-        return self.user_vectors(users) @ self.items.weight[1:].T + self.item_bias.weight[1:, 0] + self.user_biases(users)
+        item_bias = self.item_bias.weight[1:, 0]
+        return self.user_vectors(users) @ self.items.weight[1:].T + item_bias + self.user_biases(users)
 
     def pair_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """users (B,), items (B, N) -> (B, N) scores of the given items."""

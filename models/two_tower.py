@@ -55,6 +55,7 @@ class TwoTower(nn.Module):
         self.item_ids = ItemEmbedding(config.num_items, config.dim)
         self.categories = nn.Embedding(config.num_categories + 1, config.dim, padding_idx=PAD)
         self.item_mlp = _mlp(config.dim, config.hidden, config.dropout)
+        self.item_categories: torch.Tensor
         self.register_buffer("item_categories", torch.zeros(config.num_items + 1, dtype=torch.long))
 
     def set_item_categories(self, categories: torch.Tensor) -> None:

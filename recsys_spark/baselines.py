@@ -25,13 +25,23 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
-from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, ITEM_IDX, SPLIT, TEST, TRAIN, USER_IDX, VALIDATION
+from recsys_spark.constants import (
+    BASELINE_NAMES,
+    GOLD_TRAINING_EXAMPLES,
+    HISTORY_ITEMS,
+    ITEM_IDX,
+    SPLIT,
+    TEST,
+    TRAIN,
+    USER_IDX,
+    VALIDATION,
+)
 from recsys_spark.evaluation.evaluate import Scorer, evaluate_scorer
 from recsys_spark.logs import get_logger, log_event
+from recsys_spark.modeling.batches import EvalBatch
+from recsys_spark.modeling.gold import load_training_data
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import connect, experiment_id, flatten, log_final_metrics, log_params
-from recsys_spark.training.batches import EvalBatch
-from recsys_spark.training.runner import load_training_data, model_max_length
 
 log = get_logger("baselines")
 
@@ -39,8 +49,6 @@ RECENT_ITEMS = 3
 NEIGHBOURS = 100
 CF_HISTORY = 20
 ALS_PARAMS: dict[str, Any] = {"rank": 64, "reg_param": 0.05, "alpha": 20.0, "max_iter": 15, "seed": 42}
-
-BASELINES = ("popularity", "popularity_recent", "itemcf", "als")
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,9 @@ class BaselineData:
 def training_interactions(examples: DataFrame) -> DataFrame:
     """(user_idx, item_idx, recency) for every item of every training sequence; recency 0 is
     the user's newest training interaction."""
-    train = examples.filter(F.col(SPLIT) == TRAIN).select(USER_IDX, "history_items")
-    exploded = train.select(USER_IDX, F.posexplode("history_items").alias("position", ITEM_IDX),
-                            F.size("history_items").alias("length"))
+    train = examples.filter(F.col(SPLIT) == TRAIN).select(USER_IDX, HISTORY_ITEMS)
+    exploded = train.select(USER_IDX, F.posexplode(HISTORY_ITEMS).alias("position", ITEM_IDX),
+                            F.size(HISTORY_ITEMS).alias("length"))
     return exploded.select(USER_IDX, ITEM_IDX, (F.col("length") - 1 - F.col("position")).alias("recency"))
 
 
@@ -170,7 +178,7 @@ def describe(name: str) -> dict[str, Any]:
     return params
 
 
-def run_baselines(lake: Lakehouse, settings: Settings, names: tuple[str, ...] = BASELINES) -> list[dict[str, Any]]:
+def run_baselines(lake: Lakehouse, settings: Settings, names: tuple[str, ...] = BASELINE_NAMES) -> list[dict[str, Any]]:
     """Fit each baseline on the train split, evaluate it on validation and test with the models'
     metric code, and log it as an MLflow run of the models' experiment."""
     unknown = [n for n in names if n not in FITTERS]
@@ -192,7 +200,7 @@ def run_baselines(lake: Lakehouse, settings: Settings, names: tuple[str, ...] = 
                 scorer, fit_seconds = fit(name, inputs)
                 metrics = {
                     split: evaluate_scorer(scorer, data.slice(split), num_items=data.num_items,
-                                           max_length=model_max_length(settings), ks=settings.evaluation.ks,
+                                           max_length=settings.model_max_length, ks=settings.evaluation.ks,
                                            mask_seen=data.mask_seen,
                                            batch_size=settings.evaluation.batch_size).means()
                     for split in (VALIDATION, TEST)

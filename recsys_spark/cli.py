@@ -20,18 +20,15 @@ from typing import Any, NoReturn
 import yaml
 
 from recsys_spark.config import Settings, describe_settings, load_settings
-from recsys_spark.constants import INPUT_FORMATS, LAYERS
+from recsys_spark.constants import BASELINE_NAMES, GOLD_TRAINING_EXAMPLES, INPUT_FORMATS, LAYERS, MODEL_NAMES
 from recsys_spark.errors import RecsysError, UsageError
 from recsys_spark.logs import configure_logging
-
-MODEL_NAMES = ("sasrec", "two_tower", "mf")
-BASELINE_NAMES = ("popularity", "popularity_recent", "itemcf", "als")
 
 Handler = Callable[[argparse.Namespace, Settings], dict[str, Any]]
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_options() -> _Parser:
+    common = _Parser(add_help=False)
     common.add_argument("--config", help="YAML config (default: $RECSYS_CONFIG or conf/local.yaml)")
     common.add_argument("--root", help="lakehouse root folder (overrides config `root`)")
     common.add_argument(
@@ -64,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub: argparse.ArgumentParser = commands.add_parser(name, parents=[common], help=help_text,
+                                                           description=help_text)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -126,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream = command("stream", _stream, "run the nearline streaming query until stopped")
     stream.add_argument("--landing", help="landing folder (default: serving.stream.landing)")
     stream.add_argument("--format", choices=("taobao", "jsonl"), help="default: serving.stream.format")
-    stream.add_argument("--until-idle", type=_positive_number, metavar="SECONDS", help="stop after this long without new data")
+    stream.add_argument("--until-idle", type=_positive_number, metavar="SECONDS",
+                        help="stop after this long without new data")
     stream.add_argument("--timeout", type=_positive_number, metavar="SECONDS", help="stop after this long")
 
     rep = command("replay", _replay, "write a log into a landing folder at a steady pace")
@@ -393,44 +392,14 @@ def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    _require_lakehouse(settings)  # before the tracking store is created in it
-    from pyspark.sql import functions as F
+    from recsys_spark.evaluation.versions import evaluate_version
 
-    from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, SPLIT
-    from recsys_spark.evaluation.evaluate import evaluate_in_spark, load_registered
-    from recsys_spark.tracking import alias_version, connect, model_uri, tracking_uri
-    from recsys_spark.training.runner import load_training_data
-
-    from mlflow.exceptions import MlflowException
-
-    client = connect(settings)
-    name = settings.mlflow.registered_model
-    if args.version is None:
-        held = alias_version(client, name, args.alias)
-        if held is None:
-            raise RecsysError(f"registered model {name!r} has no alias {args.alias!r}; train a model first")
-        version = str(held.version)
-    else:
-        try:
-            version = str(client.get_model_version(name, args.version).version)
-        except MlflowException as exc:
-            raise RecsysError(f"registered model {name!r} has no version {args.version!r}") from exc
     _, lake = _session(settings)
-    data = load_training_data(lake, settings)
-    # The version, not the alias: Spark's Python workers cache models by URI, and an alias
-    # may have moved since a worker loaded it.
-    uri = model_uri(settings, version=version)
-    try:  # here, not first inside a Spark task, whose failure would be pages of traceback
-        load_registered(uri, tracking_uri(settings))
-    except Exception as exc:
-        raise RecsysError(f"cannot load {uri}: {type(exc).__name__}: {exc}") from exc
-    rows = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == args.split)
-    metrics = evaluate_in_spark(rows, model_uri=uri, tracking_uri=tracking_uri(settings),
-                                num_items=data.num_items, ks=settings.evaluation.ks, mask_seen=data.mask_seen,
-                                batch_size=settings.evaluation.batch_size)
-    _say(args, f"{uri} on {GOLD_TRAINING_EXAMPLES} v{data.version} {args.split} ({data.protocol}):")
-    _say(args, f"  {_metric_line(metrics)}")
-    return {"model_uri": uri, "split": args.split, "table_version": data.version, "metrics": metrics, **metrics}
+    result = evaluate_version(lake, settings, version=args.version, alias=args.alias, split=args.split)
+    _say(args, f"{result.model_uri} on {GOLD_TRAINING_EXAMPLES} v{result.table_version} {result.split} "
+               f"({result.protocol}):")
+    _say(args, f"  {_metric_line(result.metrics)}")
+    return result.as_dict()
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys_spark.constants import ModelName, metric_names
 from recsys_spark.errors import ConfigError
 
 ENV_PREFIX = "RECSYS__"
@@ -205,7 +206,7 @@ class MFSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    model: Literal["sasrec", "two_tower", "mf"] = Field("sasrec", description="Default model.")
+    model: ModelName = Field("sasrec", description="Default model.")
     num_processes: int = Field(
         1, gt=0, description="TorchDistributor processes (DDP ranks): one per GPU or per few cores."
     )
@@ -215,6 +216,10 @@ class TrainingSettings(_Section):
     epochs: int = Field(200, gt=0, description="Upper bound; early stopping usually ends first.")
     patience: int = Field(
         10, gt=0, description="Stop after this many evaluations without a better validation metric."
+    )
+    stop_metric: str | None = Field(
+        None, description="Validation metric early stopping and the learning-rate decay follow "
+        "(null: evaluation.gate_metric, the metric the model is judged by)."
     )
     max_minutes: float | None = Field(
         None, gt=0, description="Time budget: no new epoch starts after this (the best epoch is kept)."
@@ -262,9 +267,7 @@ class EvaluationSettings(_Section):
 
     @model_validator(mode="after")
     def _gate_is_a_metric(self) -> EvaluationSettings:
-        known = {f"{m}@{k}" for m in ("hit", "ndcg", "recall", "coverage") for k in self.ks} | {"mrr"}
-        if self.gate_metric not in known:
-            raise ValueError(f"gate_metric {self.gate_metric!r} is not one of {sorted(known)}")
+        check_metric("gate_metric", self.gate_metric, self.ks)
         return self
 
 
@@ -353,6 +356,29 @@ class Settings(_Section):
             raise ValueError(f"lakehouse root {path} holds '%', which Delta readers take as an escape; "
                              "choose a folder name without it")
         return str(path)
+
+    @model_validator(mode="after")
+    def _stop_metric_is_a_metric(self) -> Settings:
+        if self.training.stop_metric is not None:
+            check_metric("training.stop_metric", self.training.stop_metric, self.evaluation.ks)
+        return self
+
+    @property
+    def stop_metric(self) -> str:
+        """The validation metric training stops on (``training.stop_metric`` or the gate's)."""
+        return self.training.stop_metric or self.evaluation.gate_metric
+
+    @property
+    def model_max_length(self) -> int:
+        """Sequence length the models take (``training.max_length`` or the gold sequences')."""
+        return self.training.max_length or self.features.max_sequence_length
+
+
+def check_metric(key: str, name: str, ks: list[int]) -> None:
+    """``name`` must be a metric evaluation reports for the cut-offs ``ks``."""
+    known = metric_names(ks)
+    if name not in known:
+        raise ValueError(f"{key} {name!r} is not one of {', '.join(known)} (evaluation.ks: {ks})")
 
 
 def load_settings(

@@ -6,7 +6,8 @@ one place, and tables are addressed by the names below, never by path.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from collections.abc import Iterable
+from typing import Final, Literal, get_args
 
 # --- event columns -------------------------------------------------------------------------------
 EVENT_ID: Final = "event_id"
@@ -83,6 +84,36 @@ OPS_INGEST_RUNS: Final = "ops/ingest_runs"
 OPS_STREAM_METRICS: Final = "ops/stream_metrics"
 OPS_FEATURE_RUNS: Final = "ops/feature_runs"
 
+# --- gold columns: features writes them, models and serving read them ---------------------------
+# gold/training_examples: a history (item indices, behaviour codes, gaps) and its targets
+HISTORY_ITEMS: Final = "history_items"
+HISTORY_BEHAVIORS: Final = "history_behaviors"
+HISTORY_GAPS: Final = "history_gaps"
+HISTORY_END_TS: Final = "history_end_ts"
+TARGETS: Final = "targets"
+TARGET_START_TS: Final = "target_start_ts"
+SEEN_ITEMS: Final = "seen_items"
+# gold/user_sequences: each user's most recent steps and every purchase
+SEQUENCE_ITEMS: Final = "items"
+SEQUENCE_BEHAVIORS: Final = "behaviors"
+SEQUENCE_GAPS: Final = "gaps"
+LAST_EVENT_TS: Final = "last_event_ts"
+LAST_STEP_TS: Final = "last_step_ts"
+BOUGHT_ITEMS: Final = "bought_items"
+
+# --- serving/recommendations columns --------------------------------------------------------------
+ITEM_IDS: Final = "item_ids"
+SCORES: Final = "scores"
+MODEL_NAME: Final = "model_name"
+MODEL_VERSION: Final = "model_version"
+GENERATED_AT: Final = "generated_at"
+STREAM_BATCH_ID: Final = "stream_batch_id"
+INTRA_LIST_DIVERSITY: Final = "intra_list_diversity"
+SOURCE: Final = "source"
+# values of SOURCE: who wrote the list
+BATCH_SOURCE: Final = "batch"
+NEARLINE_SOURCE: Final = "nearline"
+
 # --- split protocol -------------------------------------------------------------------------------
 SplitProtocol = Literal["leave-one-out", "temporal"]
 SPLIT: Final = "split"
@@ -92,3 +123,26 @@ TEST: Final = "test"
 
 # Commit metadata key of silver/events commits: the input format of the ingest run.
 FORMAT_KEY: Final = "format"
+
+# --- models and baselines -------------------------------------------------------------------------
+# The trainable models (``modeling.tasks.TASKS`` implements each) and the baselines
+# (``baselines.FITTERS``); config and the CLI offer exactly these, a test keeps them in step.
+ModelName = Literal["sasrec", "two_tower", "mf"]
+MODEL_NAMES: Final[tuple[str, ...]] = get_args(ModelName)
+BaselineName = Literal["popularity", "popularity_recent", "itemcf", "als"]
+BASELINE_NAMES: Final[tuple[str, ...]] = get_args(BaselineName)
+
+# --- metrics ----------------------------------------------------------------------------------------
+# Full-ranking metrics at a cut-off K (``ndcg@10``), plus ``mrr``, which has none.
+METRICS_AT_K: Final[tuple[str, ...]] = ("hit", "ndcg", "recall", "coverage")
+MRR: Final = "mrr"
+
+
+def metric_names(ks: Iterable[int]) -> list[str]:
+    """Every metric evaluation reports for these cut-offs."""
+    return [f"{metric}@{k}" for metric in METRICS_AT_K for k in ks] + [MRR]
+
+
+def metric_key(name: str) -> str:
+    """``hit@10`` -> ``hit_at_10``: MLflow metric names may not contain ``@``."""
+    return name.replace("@", "_at_")

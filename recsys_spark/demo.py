@@ -18,11 +18,11 @@ from recsys_spark.config import Settings
 from recsys_spark.features import build_features
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.ingest import run_ingest
-from recsys_spark.spark import get_spark, work_dir
 from recsys_spark.serving.lookup import RecommendationLookup
 from recsys_spark.serving.replay import replay
 from recsys_spark.serving.scoring import score_all_users
 from recsys_spark.serving.streaming import checkpoint_dir, landing_dir, run_stream
+from recsys_spark.spark import get_spark, work_dir
 from recsys_spark.storage import open_lakehouse
 from recsys_spark.tracking import tracking_uri
 from recsys_spark.training.runner import run_training
@@ -126,11 +126,10 @@ def run_demo(
 
 def _first_known_user(log: Path, lookup: RecommendationLookup) -> int:
     """A user of the replayed slice who already has a batch list (so "before" is personal)."""
-    first = None
+    users: list[int] = []
     with log.open() as handle:
         for _, line in zip(range(NEARLINE_EVENTS), handle, strict=False):
-            user = json.loads(line)["user_id"]
-            first = user if first is None else first
-            if not lookup.get(user).cold_start:
-                return int(user)
-    return int(first)
+            users.append(int(json.loads(line)["user_id"]))
+            if not lookup.get(users[-1]).cold_start:
+                return users[-1]
+    return users[0]

@@ -238,7 +238,7 @@ def _one_day(
 
 
 def _pick_slot(cum_weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    draws = rng.random(cum_weights.shape[0])[:, None]
+    draws = rng.random((cum_weights.shape[0], 1))
     return np.minimum((cum_weights < draws).sum(axis=1), cum_weights.shape[1] - 1)
 
 

@@ -66,8 +66,13 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"recsys.{name}")
 
 
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log ``event`` with structured ``fields``."""
+def log_event(logger: logging.Logger, event: str, /, **fields: Any) -> None:
+    """Log ``event`` with structured ``fields`` (at INFO)."""
+    logger.log(logging.INFO, event, extra={_FIELDS: fields})
+
+
+def log_event_at(logger: logging.Logger, level: int, event: str, /, **fields: Any) -> None:
+    """Log ``event`` with structured ``fields`` at ``level`` (``logging.WARNING``...)."""
     logger.log(level, event, extra={_FIELDS: fields})
 
 

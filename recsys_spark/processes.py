@@ -1,4 +1,5 @@
-"""Child servers (the MLflow UI) that never outlive the command that started them.
+"""Process-level helpers: environment variables set for a block only, and child servers (the
+MLflow UI) that never outlive the command that started them.
 
 A server runs in a process group of its own under a small supervisor (``python -m
 recsys_spark.processes -- COMMAND``), the group's leader. SIGTERM or Ctrl-C to the parent stops
@@ -15,10 +16,28 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 GRACE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str], *, keep_existing: bool = False) -> Iterator[None]:
+    """Set environment variables for the block and restore what was there afterwards;
+    ``keep_existing``: a variable the user already set keeps its value."""
+    previous = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if not (keep_existing and previous[name] is not None):
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def run_process_group(command: Sequence[str], grace_seconds: float = GRACE_SECONDS) -> int:

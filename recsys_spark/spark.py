@@ -16,14 +16,14 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from recsys_spark.config import Settings
 from recsys_spark.errors import ConfigError, EngineUnavailableError
 from recsys_spark.logs import get_logger, log_event
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, Row, SparkSession
 
 log = get_logger("spark")
 
@@ -184,15 +184,34 @@ def get_spark(settings: Settings) -> SparkSession:
 
 def delta_spark_loaded(spark: SparkSession) -> bool:
     """Whether Delta's Spark classes can be loaded in this (running) session."""
-    jvm = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to ask the JVM
-    if jvm is None:
-        return False
     try:
-        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
-        jvm.java.lang.Class.forName(DELTA_TABLE_CLASS, False, loader)
-    except Exception:  # py4j surfaces ClassNotFoundException as a generic Py4JJavaError
+        gateway = jvm(spark)
+        loader = gateway.java.lang.Thread.currentThread().getContextClassLoader()
+        gateway.java.lang.Class.forName(DELTA_TABLE_CLASS, False, loader)
+    except Exception:  # noqa: BLE001 - py4j surfaces ClassNotFoundException as a generic Py4JJavaError
         return False
     return True
+
+
+def one_row(df: DataFrame) -> Row:
+    """The first row of ``df``, which must have one (an aggregate's only row)."""
+    row = df.first()
+    if row is None:
+        raise ValueError("expected a row, got an empty DataFrame")
+    return row
+
+
+def jvm(spark: SparkSession) -> Any:
+    """The driver's JVM gateway (py4j), for the Hadoop and Delta APIs Python does not wrap."""
+    gateway = spark.sparkContext._jvm  # noqa: SLF001 - py4j is the only way to reach them
+    if gateway is None:
+        raise RuntimeError("this Spark session has no JVM gateway (it was stopped)")
+    return gateway
+
+
+def hadoop_conf(spark: SparkSession) -> Any:
+    """The session's Hadoop configuration (a py4j object)."""
+    return spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
 
 
 def literal_path(path: str) -> str:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_spark.config import Settings
+from recsys_spark.constants import metric_key
 from recsys_spark.errors import RegistryError, TrackingUnavailableError
-from recsys_spark.evaluation.metrics import metric_key
 from recsys_spark.logs import get_logger, log_event
+from recsys_spark.processes import environment
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -33,11 +34,14 @@ CHALLENGER = "challenger"
 
 
 def tracking_uri(settings: Settings) -> str:
+    """``mlflow.tracking_uri``, or the lakehouse's own SQLite store (created by ``connect``)."""
     if settings.mlflow.tracking_uri:
         return settings.mlflow.tracking_uri
-    folder = Path(settings.root) / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return f"sqlite:///{_default_store(settings)}"
+
+
+def _default_store(settings: Settings) -> Path:
+    return Path(settings.root) / "mlflow" / "mlflow.db"
 
 
 def artifact_location(settings: Settings) -> str:
@@ -48,18 +52,37 @@ def artifact_location(settings: Settings) -> str:
 
 def connect(settings: Settings) -> MlflowClient:
     """A client of the configured store, checked to answer (fails fast, before any work)."""
-    # One quick attempt: an unreachable server must fail in seconds, not after minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient
 
+    if not settings.mlflow.tracking_uri:
+        _default_store(settings).parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(settings)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # One quick attempt for the check: an unreachable server must fail in seconds, not after
+    # minutes of retries. Later requests keep MLflow's retries (a busy server is no failure).
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     try:
-        client.search_experiments(max_results=1)
+        with environment(quick, keep_existing=True):
+            client.search_experiments(max_results=1)
     except Exception as exc:  # any transport or store error means "unreachable" here
         raise TrackingUnavailableError(f"MLflow tracking store {uri} is unreachable: {exc}") from exc
     return client
+
+
+@contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model``, ``start_run``) works on the process's tracking and
+    registry URIs: point them at ``uri`` for the block, then back at what they were."""
+    import mlflow
+
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
 
 
 def experiment_id(client: MlflowClient, settings: Settings) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +22,20 @@ def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-def test_help_lists_every_stage() -> None:
+def test_help_lists_every_command_and_every_job_has_one() -> None:
+    from recsys_spark.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     result = run(str(RECSYS), "--help")
     assert result.returncode == 0
-    for command in ("generate", "ingest", "features", "tables", "history", "maintain", "config", "demo"):
-        assert command in result.stdout
+    # argparse lists each command at an indent of four (its wrapped help text further in)
+    listed = {line.split()[0] for line in result.stdout.splitlines()
+              if line.startswith("    ") and not line.startswith("     ")}
+    assert listed == set(commands)
+    # every spark-submit entry point runs a command the CLI has, by its own name
+    for job in (REPO / "jobs").glob("*.py"):
+        called = re.search(r'run_job\("([\w-]+)"\)', job.read_text())
+        assert called and called.group(1) in commands, job.name
 
 
 @pytest.mark.parametrize(

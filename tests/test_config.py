@@ -84,7 +84,7 @@ def test_unknown_keys_fail_naming_the_key(tmp_path: Path, override: str, named: 
 def test_unknown_key_in_yaml_fails_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("storage:\n  engin: delta-rs\n")
-    with pytest.raises(ConfigError, match="storage.engin"):
+    with pytest.raises(ConfigError, match=r"storage\.engin"):
         load_settings(config, environ={})
 
 

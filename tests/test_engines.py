@@ -31,7 +31,7 @@ RUN_TIME_COLUMNS = {"ingested_at", "quarantined_at", "computed_at", "generated_a
 
 def comparable(df):
     kept = [f.name for f in df.schema.fields
-            if f.name not in RUN_TIME_COLUMNS and not f.dataType.typeName() == "map"]
+            if f.name not in RUN_TIME_COLUMNS and f.dataType.typeName() != "map"]
     return df.select(*kept)
 
 

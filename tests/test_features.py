@@ -35,7 +35,8 @@ pytestmark = pytest.mark.spark
 
 T = datetime(2024, 1, 31, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
-SCHEMA = "user_idx int, user_id long, item_idx int, item_id long, category_id long, behavior_type string, event_ts timestamp"
+SCHEMA = ("user_idx int, user_id long, item_idx int, item_id long, category_id long, behavior_type string, "
+          "event_ts timestamp")
 
 
 def frame(spark, rows: list[tuple]) -> object:
@@ -209,7 +210,8 @@ def test_examples_never_see_the_future(spark, lake: Lakehouse, settings, capsys,
     assert {r.split for r in examples.select("split").distinct().collect()} == {"train", "validation", "test"}
     assert examples.filter(F.col("history_end_ts") > F.col("target_start_ts")).count() == 0
     assert examples.filter((F.col("split") == "train") & (F.col("history_end_ts") >= F.lit(val_start))).count() == 0
-    assert examples.filter((F.col("split") == "validation") & (F.col("target_start_ts") < F.lit(val_start))).count() == 0
+    early = (F.col("split") == "validation") & (F.col("target_start_ts") < F.lit(val_start))
+    assert examples.filter(early).count() == 0
     assert examples.filter((F.col("split") == "test") & (F.col("history_end_ts") >= F.lit(test_start))).count() == 0
     # Each test target is an item the user really touched inside the test window.
     silver = lake.read(SILVER_EVENTS).filter(F.col("event_ts") >= F.lit(test_start))

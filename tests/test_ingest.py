@@ -25,8 +25,8 @@ from recsys_spark.constants import (
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.ingest.transforms import (
     TIEBREAK,
-    event_key,
     drop_known,
+    event_key,
     event_key_hash,
     first_occurrences,
     repeated_key_hashes,
@@ -117,7 +117,9 @@ def test_same_content_twice_adds_nothing(spark, lake: Lakehouse, settings, capsy
     assert runs[0].rows_clean == first["rows_clean"]
 
 
-def test_overlap_counts_duplicates_and_dictionaries_only_grow(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+def test_overlap_counts_duplicates_and_dictionaries_only_grow(
+    spark, lake: Lakehouse, settings, capsys, tmp_path
+) -> None:
     root = Path(settings.root)
     day1 = tmp_path / "day1.csv"
     day1.write_text("10,100,1,pv,1511539200\n11,101,1,pv,1511539300\n12,102,2,buy,1511539400\n")
@@ -152,7 +154,9 @@ def test_an_event_id_resent_on_another_date_is_a_duplicate(spark, lake: Lakehous
     assert sorted(r.event_id for r in lake.read(SILVER_EVENTS).collect()) == ["A", "C"]
 
 
-def test_silver_created_with_the_key_column_keeps_getting_it(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+def test_silver_created_with_the_key_column_keeps_getting_it(
+    spark, lake: Lakehouse, settings, capsys, tmp_path
+) -> None:
     root = Path(settings.root)
     day1, day2 = tmp_path / "day1.csv", tmp_path / "day2.csv"
     day1.write_text("10,100,1,pv,1511539200\n11,101,1,pv,1511539300\n")
@@ -193,6 +197,65 @@ def test_sequences_ingest(spark, lake: Lakehouse, settings, capsys, tmp_path) ->
     user1 = lake.read(SILVER_EVENTS).filter("user_id = 1").orderBy("event_ts").collect()
     assert [r.item_id for r in user1] == [5, 6, 7, 5]
     assert {r.behavior_type for r in user1} == {"buy"}
+
+
+def test_a_sequences_user_continues_across_lines_and_ingests(spark, lake: Lakehouse, settings, capsys,
+                                                             tmp_path) -> None:
+    """A user on two lines, or again in a later file, continues their sequence: times never
+    restart at the base time (items would interleave, and the same position on two lines
+    would pass for a duplicate)."""
+    first = tmp_path / "a.txt"
+    first.write_text("1 10 11\n2 20\n1 10 12\n")  # user 1 twice; item 10 at position 0 of both lines
+    report = ingest(capsys, Path(settings.root), "sequences", first)
+    assert (report["rows_in"], report["rows_clean"], report["rows_duplicate"]) == (5, 5, 0)
+    later = tmp_path / "b.txt"
+    later.write_text("1 13\n3 30\n")
+    ingest(capsys, Path(settings.root), "sequences", later)
+    step = settings.ingest.sequence_step_seconds
+    base = settings.ingest.sequence_base_time.timestamp()
+    events = lake.read(SILVER_EVENTS).select("user_id", "item_id", F.unix_seconds("event_ts").alias("t")).collect()
+    by_user: dict[int, list[tuple[float, int]]] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(((e.t - base) / step, e.item_id))
+    assert sorted(by_user[1]) == [(0, 10), (1, 11), (2, 10), (3, 12), (4, 13)]
+    assert sorted(by_user[2]) == [(0, 20)] and sorted(by_user[3]) == [(0, 30)]
+
+
+def test_an_appended_log_reads_only_its_new_lines(spark, lake: Lakehouse, settings, capsys, tmp_path) -> None:
+    """Ingested, appended to and ingested again: old lines are neither quarantined again nor
+    landed in bronze again, and the counts describe the lakehouse, not only the run."""
+    log = tmp_path / "today.csv"
+    log.write_text("10,100,1,pv,1511539200\nnot,a,line\n")
+    root = Path(settings.root)
+    first = ingest(capsys, root, "taobao", log)
+    with log.open("a") as handle:
+        handle.write("11,101,1,pv,1511539300\nstill,not,a,line\n")
+    second = ingest(capsys, root, "taobao", log)
+    assert_reconciles(second)
+    assert (second["rows_in"], second["rows_clean"], second["rows_quarantined"], second["rows_duplicate"]) == \
+        (2, 1, 1, 0)
+    assert (first["rows_in"] + second["rows_in"]) == lake.read(SILVER_EVENTS).count() + lake.read(
+        QUARANTINE_EVENTS).count() == 4
+    assert lake.read(BRONZE_EVENTS_RAW).count() == 4
+    entry = second["files"][0]
+    assert (entry["offset"], entry["rows_total"]) == (len("10,100,1,pv,1511539200\nnot,a,line\n"), 4)
+    # the whole file again is the same content: skipped, all four rows duplicates
+    again = ingest(capsys, root, "taobao", log)
+    assert again["status"] == "skipped" and again["rows_duplicate"] == 4
+
+
+def test_an_edited_log_does_not_quarantine_its_old_bad_lines_again(spark, lake: Lakehouse, settings, capsys,
+                                                                   tmp_path) -> None:
+    log = tmp_path / "today.csv"
+    log.write_text("10,100,1,pv,1511539200\nnot,a,line\n")
+    root = Path(settings.root)
+    ingest(capsys, root, "taobao", log)
+    log.write_text("12,102,1,pv,1511539400\n10,100,1,pv,1511539200\nnot,a,line\n")  # a line put in front
+    report = ingest(capsys, root, "taobao", log)
+    assert_reconciles(report)
+    assert (report["rows_in"], report["rows_clean"], report["rows_quarantined"], report["rows_duplicate"]) == \
+        (3, 1, 0, 2)
+    assert lake.read(QUARANTINE_EVENTS).count() == 1
 
 
 @pytest.mark.parametrize(

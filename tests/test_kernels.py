@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,7 @@ def reference_histories(batch: pa.RecordBatch, collapse: bool) -> dict[int, list
 
 
 def gaps(events: list[dict]) -> list[int]:
-    return [0] + [(b["ts"] - a["ts"]) // US for a, b in zip(events, events[1:], strict=False)]
+    return [0] + [(b["ts"] - a["ts"]) // US for a, b in pairwise(events)]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -162,7 +163,7 @@ def test_whole_users_regroup_batches_without_splitting_a_user(seed: int, min_row
     rows = pa.Table.from_batches([random_batch(seed)])
     rng = np.random.default_rng(seed)
     cuts = np.unique(np.concatenate([[0], rng.integers(0, rows.num_rows, 30), [rows.num_rows]]))
-    batches = [rows.slice(a, b - a).combine_chunks().to_batches()[0] for a, b in zip(cuts, cuts[1:], strict=False)]
+    batches = [rows.slice(a, b - a).combine_chunks().to_batches()[0] for a, b in pairwise(cuts)]
     chunks = list(kernels.whole_users(iter(batches), min_rows=min_rows))
     assert pa.concat_tables(chunks).equals(rows)  # nothing lost, nothing reordered
     owners = [set(c.column("user_idx").to_pylist()) for c in chunks]
@@ -184,7 +185,8 @@ def test_whole_users_keep_a_user_longer_than_a_chunk_together() -> None:
 def test_collapsed_step_keeps_the_strongest_behaviour() -> None:
     rows = [{"user_idx": 0, "user_id": 5, "ts": AS_OF + i * US, "item": item, "behavior": code, "category": 7}
             for i, (item, code) in enumerate([(10, 1), (10, 2), (10, 4), (10, 1), (11, 1)])]
-    events = kernels.collapse_repeats(kernels.from_arrow(pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA)))
+    batch = pa.RecordBatch.from_pylist(rows, schema=kernels.EVENT_ROW_SCHEMA)
+    events = kernels.collapse_repeats(kernels.from_arrow(batch))
     (row,) = kernels.user_sequences(events, max_length=5).to_pylist()
     assert (row["items"], row["behaviors"], row["gaps"]) == ([10, 11], [4, 1], [0, 4])
 

@@ -10,8 +10,8 @@ import pytest
 from deltalake import WriterProperties, write_deltalake
 from torch.utils.data import DataLoader
 
-from recsys_spark.training.batches import eval_batch, sequence_batch
-from recsys_spark.training.data import (
+from recsys_spark.modeling.batches import eval_batch, sequence_batch
+from recsys_spark.modeling.loader import (
     DeltaBatches,
     TableSlice,
     collate_with,
@@ -30,14 +30,18 @@ def _rows(start: int, n: int, split: str = "train") -> pa.Table:
     })
 
 
+EXAMPLES = "gold/training_examples"
+
+
 @pytest.fixture
 def table(tmp_path: Path) -> str:
-    path = str(tmp_path / "examples")
+    """A lakehouse root holding gold/training_examples at version 5 (6 after ``append``)."""
+    path = str(tmp_path / "gold" / "training_examples")
     for part in range(5):  # five files of 200 rows, 50-row row groups, plus validation rows
         write_deltalake(path, _rows(part * 200, 200), mode="append", partition_by=["split"],
                         writer_properties=WriterProperties(max_row_group_size=50))
     write_deltalake(path, _rows(10_000, 30, "validation"), mode="append", partition_by=["split"])
-    return path
+    return str(tmp_path)
 
 
 def _users(batches: DeltaBatches) -> list[int]:
@@ -45,7 +49,7 @@ def _users(batches: DeltaBatches) -> list[int]:
 
 
 def test_one_reader_sees_every_row_of_the_split_once(table: str) -> None:
-    source = TableSlice(table, 5, "train")
+    source = TableSlice(table, EXAMPLES, 5, "train")
     assert count_rows(source) == 1000
     users = _users(DeltaBatches(source, columns=["user_idx"], batch_size=64, shuffle=True, buffer_rows=128))
     assert sorted(users) == list(range(1000))
@@ -55,7 +59,7 @@ def test_one_reader_sees_every_row_of_the_split_once(table: str) -> None:
 def test_ranks_and_workers_partition_the_rows(table: str, world_size: int, workers: int) -> None:
     seen: list[int] = []
     for rank in range(world_size):
-        dataset = DeltaBatches(TableSlice(table, 5, "train"), columns=["user_idx"], batch_size=32,
+        dataset = DeltaBatches(TableSlice(table, EXAMPLES, 5, "train"), columns=["user_idx"], batch_size=32,
                                shuffle=True, buffer_rows=64, rank=rank, world_size=world_size)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers)
         seen += [u for b in loader for u in b.column("user_idx").to_pylist()]
@@ -63,15 +67,15 @@ def test_ranks_and_workers_partition_the_rows(table: str, world_size: int, worke
 
 
 def test_few_units_are_strided_so_every_rank_gets_rows(table: str) -> None:
-    source = TableSlice(table, 5, "validation")  # one small file: fewer units than readers
+    source = TableSlice(table, EXAMPLES, 5, "validation")  # one small file: fewer units than readers
     parts = [_users(DeltaBatches(source, columns=["user_idx"], batch_size=4, shuffle=False,
                                  buffer_rows=8, rank=r, world_size=3)) for r in range(3)]
     assert all(parts)
-    assert sorted(sum(parts, [])) == list(range(10_000, 10_030))
+    assert sorted(u for part in parts for u in part) == list(range(10_000, 10_030))
 
 
 def test_epochs_reshuffle_reproducibly(table: str) -> None:
-    batches = DeltaBatches(TableSlice(table, 5, "train"), columns=["user_idx"], batch_size=50,
+    batches = DeltaBatches(TableSlice(table, EXAMPLES, 5, "train"), columns=["user_idx"], batch_size=50,
                            shuffle=True, seed=7, buffer_rows=200)
     batches.set_epoch(0)
     first = _users(batches)
@@ -83,13 +87,13 @@ def test_epochs_reshuffle_reproducibly(table: str) -> None:
 
 
 def test_reads_the_recorded_version_not_later_writes(table: str) -> None:
-    write_deltalake(table, _rows(5000, 100), mode="append", partition_by=["split"])
-    assert count_rows(TableSlice(table, 5, "train")) == 1000
-    assert count_rows(TableSlice(table, 6, "train")) == 1100
+    write_deltalake(f"{table}/{EXAMPLES}", _rows(5000, 100), mode="append", partition_by=["split"])
+    assert count_rows(TableSlice(table, EXAMPLES, 5, "train")) == 1000
+    assert count_rows(TableSlice(table, EXAMPLES, 6, "train")) == 1100
 
 
 def test_batches_respect_size_and_bucketing_groups_lengths(table: str) -> None:
-    batches = DeltaBatches(TableSlice(table, 5, "train"), columns=["user_idx", "history_items"],
+    batches = DeltaBatches(TableSlice(table, EXAMPLES, 5, "train"), columns=["user_idx", "history_items"],
                            batch_size=100, shuffle=True, buffer_rows=1000, bucket_by="history_items")
     spreads = []
     for batch in batches:
@@ -101,7 +105,7 @@ def test_batches_respect_size_and_bucketing_groups_lengths(table: str) -> None:
 
 def test_bad_sizes_are_rejected(table: str) -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        DeltaBatches(TableSlice(table, 5, "train"), columns=["user_idx"], batch_size=64, shuffle=False,
+        DeltaBatches(TableSlice(table, EXAMPLES, 5, "train"), columns=["user_idx"], batch_size=64, shuffle=False,
                      buffer_rows=10)
 
 

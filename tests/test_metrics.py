@@ -12,7 +12,7 @@ from deltalake import WriterProperties, write_deltalake
 
 from recsys_spark.evaluation.evaluate import evaluate_scorer
 from recsys_spark.evaluation.metrics import batch_sums, empty_sums, target_ranks
-from recsys_spark.training.data import TableSlice
+from recsys_spark.modeling.loader import TableSlice
 
 
 def test_single_target_by_hand() -> None:
@@ -85,7 +85,7 @@ def test_rows_without_targets_are_skipped_and_empty_is_an_error() -> None:
     sums = batch_sums(torch.rand(3, 5), torch.tensor([[-1], [2], [-1]]), ks=(5,))
     assert sums.rows == 1
     with pytest.raises(ValueError, match="no rows"):
-        empty_sums(5).means()
+        empty_sums(5, (10,)).means()
 
 
 def test_random_scores_match_a_numpy_reference() -> None:
@@ -115,21 +115,22 @@ def test_streamed_sharded_evaluation_equals_one_batch(tmp_path) -> None:
         "seen_items": pa.array(histories, pa.list_(pa.int32())),
         "split": ["validation"] * n,
     })
-    path = str(tmp_path / "examples")
+    path = str(tmp_path / "gold" / "training_examples")
     write_deltalake(path, table, partition_by=["split"], writer_properties=WriterProperties(max_row_group_size=100))
     user_scores = torch.randn(n, items, generator=torch.Generator().manual_seed(0))
 
     def score(batch):  # depends on the row only, not on its batch
         return user_scores[batch.users]
 
-    total = empty_sums(items)
+    total = empty_sums(items, (5, 10, 20))
     for rank in range(2):
-        total.add(evaluate_scorer(score, TableSlice(path, 0, "validation"), num_items=items, max_length=50,
+        source = TableSlice(str(tmp_path), "gold/training_examples", 0, "validation")
+        total.add(evaluate_scorer(score, source, num_items=items, max_length=50,
                                   ks=(5, 10, 20), mask_seen=True, batch_size=16, rank=rank, world_size=2))
     seen = torch.full((n, int(lengths.max())), -1)
     for row, history in enumerate(histories):
         seen[row, : len(history)] = torch.tensor(history)
-    expected = batch_sums(user_scores, torch.tensor(targets), seen)
+    expected = batch_sums(user_scores, torch.tensor(targets), seen, ks=(5, 10, 20))
     assert total.rows == n
     assert total.sums == pytest.approx(expected.sums)
     for k in (5, 10, 20):

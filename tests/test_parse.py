@@ -100,9 +100,16 @@ JSONL_CASES = [
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"user_id":3}', "malformed_json", None),
         # Spark's JSON reader stops after the first value: a second object on the line (a lost
         # newline) or trailing text would otherwise vanish without a trace.
-        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}{"user_id":3,"item_id":4}', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}{"user_id":3,"item_id":4}',
+         "malformed_json", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200} x', "malformed_json", None),
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200},', "malformed_json", None),
+        # A stray closing bracket or brace after the object (Spark's reader ignores both).
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}}', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200} }', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}]', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"ctx":{"k":1}}}', "malformed_json", None),
+        ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200}\t', None, T0),
         # Braces inside strings and nested objects are not "after the object".
         ('{"user_id":1,"item_id":2,"behavior_type":"pv","ts":1511539200,"q":"}{","ctx":{"k":1}}', None, T0),
         ('{"item_id":2,"behavior_type":"pv","ts":1511539200}', "missing_field", None),

@@ -20,6 +20,9 @@ def test_storage_api() -> None:
         "read_table",
         "resolve_engine",
         "table_dataset",
+        "table_files",
+        "table_path",
+        "table_version",
     ]
     operations = {"read", "write", "upsert", "delete", "history", "optimize", "vacuum", "version",
                   "exists", "tables", "transaction_version", "lock", "path", "scratch"}

@@ -20,12 +20,14 @@ import pytest
 import torch
 from deltalake import DeltaTable, write_deltalake
 
+from recsys_spark.config import ServingSettings
 from recsys_spark.errors import InputDataError
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.serving.lookup import RecommendationLookup, popular_items
 from recsys_spark.serving.replay import replay
 from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
-from recsys_spark.serving.streaming import STATE_SCHEMA, UserHistory, merge_history
+from recsys_spark.serving.schemas import USER_STATE_SCHEMA
+from recsys_spark.serving.streaming import UserHistory, merge_history
 from tests.conftest import build_gold_lakehouse, make_settings, run_cli
 
 QUIET = ["--set", "logging.level=WARNING"]
@@ -37,24 +39,29 @@ STREAM = ["--set", "serving.stream.max_files_per_trigger=1", "--set", "serving.s
 # --- pure parts ------------------------------------------------------------------------------------
 
 
+
+def rules(**serving: object) -> BusinessRules:
+    """The rules of serving settings with ``serving`` changed (every other value the default)."""
+    return BusinessRules.from_settings(ServingSettings.model_validate(serving))
+
 def test_rules_exclude_bought_and_denied_categories() -> None:
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
     catalogue = Catalogue(np.array([1, 1, 2, 2, 3]))
-    indices, values = apply_rules(scores, [np.array([0])], catalogue, BusinessRules(k=3, category_deny=(2,)))
+    indices, values = apply_rules(scores, [np.array([0])], catalogue, rules(k=3, category_deny=(2,)))
     assert indices.tolist() == [[1, 4, -1]]  # 0 bought, 2 and 3 denied; only two items left
     assert np.isnan(values[0, 2])
     indices, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue,
-                             BusinessRules(k=2, category_allow=(2,)))
+                             rules(k=2, category_allow=(2,)))
     assert indices.tolist() == [[2, 3]]
 
 
 def test_mmr_lambda_zero_is_relevance_and_positive_lambda_diversifies() -> None:
     scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0]])
     catalogue = Catalogue(np.array([1, 1, 1, 2, 2, 3]))
-    plain, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue, BusinessRules(k=3))
+    plain, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue, rules(k=3))
     assert plain.tolist() == [[0, 1, 2]]
     diverse, _ = apply_rules(scores, [np.array([], dtype=np.int64)], catalogue,
-                             BusinessRules(k=3, diversity_lambda=0.5, candidates=6))
+                             rules(k=3, diversity_lambda=0.5, candidates=6))
     assert diverse.tolist() == [[0, 3, 5]]  # best item, then the best of each new category
     assert intra_list_diversity(diverse, catalogue.categories)[0] == 1.0
     assert intra_list_diversity(plain, catalogue.categories)[0] == 0.0
@@ -66,10 +73,10 @@ def test_mmr_with_fewer_eligible_items_than_k_repeats_nothing(lam: float) -> Non
     # six of eight items bought: two left, whatever k and lambda (at 1.0, 0 * -inf is NaN)
     scores = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
     catalogue = Catalogue(np.array([0, 0, 1, 1, 2, 2, 3, 3]))
-    rules = BusinessRules(k=5, diversity_lambda=lam, candidates=8)
-    indices, values = apply_rules(scores, [np.array([0, 1, 2, 3, 4, 5])], catalogue, rules)
+    ruled = rules(k=5, diversity_lambda=lam, candidates=8)
+    indices, values = apply_rules(scores, [np.array([0, 1, 2, 3, 4, 5])], catalogue, ruled)
     assert indices.tolist() == [[6, 7, -1, -1, -1]] and np.isnan(values[0, 2:]).all()
-    indices, _ = apply_rules(scores, [np.array([0, 2])], catalogue, rules)
+    indices, _ = apply_rules(scores, [np.array([0, 2])], catalogue, ruled)
     assert len(set(indices[0].tolist())) == 5 and not {0, 2} & set(indices[0].tolist())
 
 
@@ -163,8 +170,38 @@ def test_lookup_prefers_newer_rows_and_falls_back_to_cold_start(tmp_path: Path) 
     write_deltalake(f"{root}/gold/item_features", pa.table({
         "item_id": pa.array([7, 8, 9], pa.int64()), "category_id": pa.array([1, 2, 1], pa.int64()),
         "pv_7d": [1, 30, 5], "buy_7d": [0, 0, 9]}), mode="overwrite", schema_mode="overwrite")
-    ruled = RecommendationLookup(root, rules=BusinessRules(k=2, category_deny=(2,)))
+    ruled = RecommendationLookup(root, rules=rules(k=2, category_deny=(2,)))
     assert ruled.get(999, k=2).item_ids == [9, 7]
+
+
+def test_lookup_never_offers_what_gold_says_the_user_bought_since(tmp_path: Path) -> None:
+    """A nearline list written before a batch ingest brought in a purchase must not offer that
+    item until the user's next stream event re-scores them."""
+    root = str(tmp_path)
+    now = datetime.now(UTC)
+    ts = pa.timestamp("us", tz="UTC")
+    write_deltalake(f"{root}/serving/recommendations", pa.table({
+        "user_id": pa.array([1, 2], pa.int64()), "item_ids": [[10, 11, 12], [10, 11]],
+        "scores": pa.array([[3.0, 2.0, 1.0], [2.0, 1.0]], pa.list_(pa.float32())),
+        "source": ["nearline", "batch"], "model_name": ["sasrec"] * 2, "model_version": ["1"] * 2,
+        "generated_at": pa.array([now] * 2, ts), "last_event_ts": pa.array([now] * 2, ts)}))
+    write_deltalake(f"{root}/silver/item_index", pa.table({
+        "item_idx": pa.array([0, 1, 2], pa.int32()), "item_id": pa.array([10, 11, 12], pa.int64())}))
+
+    def gold(bought: list[list[int]], mode: str = "error") -> None:
+        write_deltalake(f"{root}/gold/user_sequences", pa.table({
+            "user_id": pa.array([1, 2], pa.int64()), "bought_items": pa.array(bought, pa.list_(pa.int32()))}),
+            mode=mode)
+
+    gold([[], []])
+    lookup = RecommendationLookup(root, refresh_seconds=0.0)
+    assert lookup.get(1).item_ids == [10, 11, 12]
+    gold([[1], [0, 1]], mode="overwrite")  # a batch ingest + features run: user 1 bought item 11
+    first = lookup.get(1)
+    assert first.item_ids == [10, 12] and first.scores == [3.0, 1.0]  # scores stay with their items
+    assert lookup.get(2).item_ids == []
+    unfiltered = RecommendationLookup(root, rules=rules(exclude_bought=False))
+    assert unfiltered.get(1).item_ids == [10, 11, 12]
 
 
 # --- against a trained champion ------------------------------------------------------------------
@@ -186,12 +223,21 @@ def served(spark, tmp_path_factory) -> dict:
     return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}
 
 
+@pytest.fixture
+def served_root(served, tmp_path) -> str:
+    """A copy of the served lakehouse of this test's own: tests that write to it must not see
+    each other's tables, whatever order they run in."""
+    root = str(tmp_path / "served")
+    shutil.copytree(served["pristine"], root)
+    return root
+
+
 def _table(root: str, name: str) -> pa.Table:
     return DeltaTable(f"{root}/{name}").to_pyarrow_table()
 
 
-def test_score_batch_writes_every_user_once_without_bought_items(served, capsys) -> None:
-    root = served["root"]
+def test_score_batch_writes_every_user_once_without_bought_items(served_root, capsys) -> None:
+    root = served_root
     code, result, err = run_cli(capsys, "score-batch", "--root", root, "--json", *QUIET,
                                 "--set", "serving.k=20", "--set", "serving.diversity_lambda=0.3")
     assert code == 0, err[-2000:]
@@ -252,7 +298,7 @@ def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, c
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
         "user_id": user, "item_ids": [top], "behaviors": ["buy"], "event_ts": [now], "bought": [top],
-        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=USER_STATE_SCHEMA))
     # other rules in the same session: Python workers that keep the model must not keep the rules
     code, _, err = run_cli(capsys, "score-batch", "--root", root, "--set", "serving.k=7", *QUIET)
     assert code == 0, err[-2000:]
@@ -289,7 +335,7 @@ def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) ->
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
         "user_id": buyer["user_id"], "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
-        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=USER_STATE_SCHEMA))
     raw = dict(zip(*_table(str(root), "silver/item_index").select(["item_idx", "item_id"]).to_pydict().values(),
                    strict=True))
     history = sink._histories([buyer["user_id"]])[buyer["user_id"]]
@@ -321,7 +367,7 @@ def test_nearline_reads_a_known_users_gold_once_per_gold_version(spark, served, 
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
         "user_id": known, "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
-        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=STATE_SCHEMA))
+        "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=USER_STATE_SCHEMA))
     sink._histories([known, newcomer])
     assert read_from_gold[-1] == [known, newcomer]
     # the next batch: the known user is not read again; a user without state always is
@@ -341,18 +387,18 @@ def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     os.replace(hidden, folder / name)
 
 
-def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, served, tmp_path, capsys) -> None:
+def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, served_root, tmp_path, capsys) -> None:
     from recsys_spark.serving.streaming import start_stream
     from recsys_spark.storage import open_lakehouse
 
-    root = served["root"]
+    root = served_root
     landing = tmp_path / "landing[1]"  # glob characters in the folder are taken literally
     landing.mkdir()
     settings = make_settings(Path(root), f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5")
     lake = open_lakehouse(spark, settings)
-    before = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()} \
-        if Path(root, "serving/recommendations").exists() else {}
-    # two users with history (and batch rows, when score-batch ran first)
+    assert run_cli(capsys, "score-batch", "--root", root, *QUIET)[0] == 0
+    before = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    # two users with history and batch rows
     u1, u2 = sorted(_table(root, "gold/user_sequences").column("user_id").to_pylist())[:2]
     now = int(time.time() * 1000)
     good = [json.dumps({"user_id": u, "item_id": i, "behavior_type": "pv", "ts": now})
@@ -398,8 +444,7 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     assert rows[(u2, "nearline")]["model_version"] == "2" and rows[(u1, "nearline")]["model_version"] == "1"
     assert rows[(u2, "nearline")]["model_name"] == "mf" and rows[(newcomer, "nearline")]["model_name"] == "popularity"
     assert rows[(newcomer, "nearline")]["item_ids"][:10] == popular_items(root, 10)
-    if before:  # batch rows untouched by nearline upserts
-        assert rows[(u1, "batch")]["item_ids"] == before[u1]["item_ids"]
+    assert rows[(u1, "batch")]["item_ids"] == before[u1]["item_ids"]  # untouched by nearline upserts
     lookup = RecommendationLookup(root)
     assert lookup.get(u2).source == "nearline"
     # A query on a fresh checkpoint counts micro-batches from 0 again; its lists still replace
@@ -522,11 +567,15 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> Non
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None and not list(metrics.glob("*.json")):
         time.sleep(0.1)
-    time.sleep(random.uniform(0.0, 1.5))  # land somewhere inside a later micro-batch
+    # somewhere inside a later micro-batch; RECSYS_TEST_KILL_SEED=<seed> repeats a run's kill point
+    seed = int(os.environ.get("RECSYS_TEST_KILL_SEED", random.SystemRandom().randrange(2**32)))
+    delay = random.Random(seed).uniform(0.0, 1.5)
+    print(f"kill -9 {delay:.3f} s after the first committed micro-batch (RECSYS_TEST_KILL_SEED={seed})")
+    time.sleep(delay)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     committed = len(list(metrics.glob("*.json")))
-    assert 1 <= committed < 6, f"kill landed after {committed} batches"
+    assert 1 <= committed < 6, f"kill landed after {committed} batches (RECSYS_TEST_KILL_SEED={seed})"
     process = _stream_process(interrupted, landing)
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
 

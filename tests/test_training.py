@@ -3,7 +3,6 @@ resume after a real kill, evaluation, baselines and bad input."""
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import signal
@@ -20,9 +19,9 @@ import torch
 from models.losses import full_softmax
 from models.sasrec import SASRec, SASRecConfig
 from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, TRAIN
-from recsys_spark.training.batches import EvalBatch, SequenceBatch
-from recsys_spark.training.tasks import TASKS, LossModule, LossOptions, ModelSpec
-from tests.conftest import REPO, build_gold_lakehouse, make_settings, run_cli
+from recsys_spark.modeling.batches import EvalBatch, SequenceBatch
+from recsys_spark.modeling.tasks import TASKS, LossModule, LossOptions, ModelSpec
+from tests.conftest import build_gold_lakehouse, make_settings, run_cli
 
 REGISTERED = "recsys-recommender"
 TINY = [
@@ -67,16 +66,6 @@ def train(capsys, root: str, tmp_path: Path, *extra: str) -> dict:
 # --- models and tasks: plain PyTorch ---------------------------------------------------------------
 
 
-def test_models_package_is_plain_pytorch() -> None:
-    forbidden = {"pyspark", "mlflow", "recsys_spark", "pandas", "pyarrow", "deltalake"}
-    for path in (REPO / "models").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
-
-
 @pytest.mark.parametrize("rows,block_rows", [(37, 8), (37, 256), (0, 8)])
 def test_blockwise_full_softmax_equals_plain_cross_entropy(rows: int, block_rows: int) -> None:
     generator = torch.Generator().manual_seed(0)
@@ -97,7 +86,7 @@ def test_blockwise_full_softmax_equals_plain_cross_entropy(rows: int, block_rows
     torch.testing.assert_close(catalogue.grad, reference_catalogue.grad)
     with torch.no_grad():
         torch.testing.assert_close(full_softmax(hidden, catalogue, targets, block_rows=block_rows), reference)
-    with pytest.raises(ValueError, match="1..23"):
+    with pytest.raises(ValueError, match=r"1\.\.23"):
         full_softmax(hidden, catalogue, targets - 1)
 
 
@@ -181,7 +170,8 @@ def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path,
     assert "test_ndcg_at_10" in run.data.metrics and "best_val_ndcg_at_10" in run.data.metrics
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    artifacts = {a.path for folder in ("plots", "config", "data") for a in client.list_artifacts(run.info.run_id, folder)}
+    artifacts = {a.path for folder in ("plots", "config", "data")
+                 for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"plots/learning_curves.png", "plots/metrics_at_k.png", "config/resolved.json",
             "data/versions.json"} <= artifacts
 
@@ -239,7 +229,7 @@ def _train_counts(root: str) -> dict[int, int]:
     examples = DeltaTable(f"{root}/gold/training_examples").to_pyarrow_table(columns=["split", "history_items"])
     raw = dict(zip(*DeltaTable(f"{root}/silver/item_index").to_pyarrow_table(columns=["item_idx", "item_id"])
                    .to_pydict().values(), strict=True))
-    counts = {item: 0 for item in raw.values()}
+    counts = dict.fromkeys(raw.values(), 0)
     for split, history in zip(*examples.to_pydict().values(), strict=True):
         for idx in history if split == "train" else ():
             counts[raw[idx]] += 1
@@ -373,8 +363,8 @@ def test_a_tampered_registry_artifact_is_refused_and_runs_no_code(gold_root: str
     (code_file,) = stored.rglob("pyfunc_code.py")
     assert "recsys.artifact_sha256" in client.get_model_version(REGISTERED, "1").tags
 
-    from recsys_spark.evaluation.evaluate import load_registered
     from recsys_spark.errors import ModelIntegrityError
+    from recsys_spark.modeling.package import load_registered_model as load_registered
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert load_registered(f"models:/{REGISTERED}@champion", uri).spec.name == "mf"
@@ -409,7 +399,8 @@ def _wildcard_listeners(pids: set[int]) -> set[tuple[int, str]]:
             links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
         except OSError:
             continue
-        found |= {(pid, wildcard[link[8:-1]]) for link in links if link.startswith("socket:[") and link[8:-1] in wildcard}
+        found |= {(pid, wildcard[link[8:-1]]) for link in links
+                  if link.startswith("socket:[") and link[8:-1] in wildcard}
     return found
 
 
@@ -446,25 +437,21 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def test_resuming_a_run_that_stopped_early_trains_nothing_more(gold_root: str, tmp_path: Path) -> None:
-    from deltalake import DeltaTable
-
-    from recsys_spark.training.data import TableSlice
+def test_resuming_a_run_that_stopped_early_trains_nothing_more(spark, gold_root: str, tmp_path: Path) -> None:
+    from recsys_spark.modeling.gold import load_training_data
+    from recsys_spark.storage import open_lakehouse
     from recsys_spark.training.loop import TrainJob, train_worker
 
-    path = f"{gold_root}/gold/training_examples"
-    version = DeltaTable(path).version()
-    users = max(DeltaTable(path).to_pyarrow_table(columns=["user_idx"]).column("user_idx").to_pylist()) + 1
-    items = DeltaTable(f"{gold_root}/silver/item_index").to_pyarrow_table().num_rows
-    job = {"spec": ModelSpec(name="mf", num_items=items, num_users=users, max_length=50, hyperparameters={"dim": 8}),
-           **{name: TableSlice(path, version, name) for name in ("train", "validation", "test")},
-           "checkpoint_dir": str(tmp_path / "checkpoint"), "epochs": 100, "patience": 1, "learning_rate": 0.3,
-           "prefetch_batches": 0, "log_level": "WARNING"}
-    first = train_worker(TrainJob(**job))
-    assert first["stopped_early"] and first["epochs_run"] < 100
-    again = train_worker(TrainJob(**job, resume=True))
-    assert (again["epochs_run"], again["best_epoch"], again["test"]) == (first["epochs_run"], first["best_epoch"],
-                                                                          first["test"])
+    settings = make_settings(Path(gold_root), "training.epochs=100", "training.patience=1",
+                             "training.learning_rate=0.3", "training.prefetch_batches=0")
+    data = load_training_data(open_lakehouse(spark, settings), settings)
+    spec = ModelSpec(name="mf", num_items=data.num_items, num_users=data.num_users, max_length=50,
+                     hyperparameters={"dim": 8})
+    folder = str(tmp_path / "checkpoint")
+    first = train_worker(TrainJob.from_settings(settings, spec, data, checkpoint_dir=folder))
+    assert first.stopped_early and first.epochs_run < 100
+    again = train_worker(TrainJob.from_settings(settings, spec, data, checkpoint_dir=folder, resume=True))
+    assert (again.epochs_run, again.best_epoch, again.test) == (first.epochs_run, first.best_epoch, first.test)
 
 
 def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str, tmp_path: Path, capsys) -> None:
@@ -494,7 +481,7 @@ def test_learning_rate_decays_after_evaluations_without_improvement(gold_root: s
     validation, rates = history("val_ndcg_at_10"), history("learning_rate")
     assert len(validation) == len(rates) == 12
     best, rate = float("-inf"), 0.1
-    for score, logged in zip(validation, rates):
+    for score, logged in zip(validation, rates, strict=True):
         if score > best:
             best = score
         else:  # patience 1: every evaluation without a new best halves the rate
@@ -506,7 +493,16 @@ def test_learning_rate_decays_after_evaluations_without_improvement(gold_root: s
 def test_train_json_from_library_matches_cli_contract_for_two_tower(gold_root: str, tmp_path: Path, capsys) -> None:
     result = train(capsys, gold_root, tmp_path, "--model", "two_tower", "--set", "training.num_processes=1",
                    "--set", "training.epochs=2")
-    assert result["model_name"] == "two_tower" and 0 <= result["ndcg@10"] <= 1
+    assert result["model_name"] == "two_tower" and result["world_size"] == 1
+    assert result["epochs_run"] == 2 and result["best_epoch"] in (0, 1)
+    # the contract: every test metric at the top level, equal to the nested one, in range
+    metrics = {f"{m}@{k}" for m in ("hit", "ndcg", "recall", "coverage") for k in (5, 10, 20)} | {"mrr"}
+    assert metrics <= set(result["test"]) and all(result[m] == result["test"][m] for m in metrics)
+    assert all(0 <= result[m] <= 1 for m in metrics)
+    assert result["ndcg@10"] <= result["hit@10"] <= result["hit@20"]
+    assert result["promoted"] is True and result["model_version"] == "1"  # the first model
+    # a two-tower model learns: better than the 1/I a constant scorer would earn by luck
+    assert result["hit@20"] > 20 / result["data"]["num_items"]
 
 
 # --- baselines -----------------------------------------------------------------------------------------

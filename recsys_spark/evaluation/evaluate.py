@@ -5,26 +5,29 @@ Three ways to run the same metric code (``metrics.batch_sums``):
 * ``evaluate_scorer`` — stream the split through one process (a DDP rank evaluates its shard
   with it, then the ranks all-reduce the sums);
 * ``evaluate_registered`` — the same for a model loaded from the MLflow registry (gating);
-* ``evaluate_in_spark`` — ``recsys evaluate``: Spark partitions of users each load the
-  registered model once per Python worker and return metric sums; the driver adds them up.
+* ``evaluate_in_spark`` — Spark partitions of users each load the registered model once per
+  Python worker and return metric sums; the driver adds them up (``versions.evaluate_version``,
+  behind ``recsys evaluate``, picks the version and the rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from recsys_spark.evaluation.metrics import MetricSums, batch_sums, empty_sums
-from recsys_spark.training.batches import EVAL_COLUMNS, EvalBatch, eval_batch
-from recsys_spark.training.data import DeltaBatches, TableSlice, collate_with, prefetch
+from recsys_spark.modeling.batches import EVAL_COLUMNS, EvalBatch, eval_batch
+from recsys_spark.modeling.loader import DeltaBatches, TableSlice, collate_with, prefetch
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
+
+    from recsys_spark.modeling.package import RecommenderModel
 
 Scorer = Callable[[EvalBatch], torch.Tensor]
 
@@ -44,7 +47,7 @@ def sums_of_batches(
     sums = empty_sums(num_items, ks)
     with torch.no_grad():
         for batch in batches:
-            sums.add(batch_sums(widen(score(batch), num_items), batch.targets, batch.seen, ks))
+            sums.add(batch_sums(widen(score(batch), num_items), batch.targets, batch.seen, ks=ks))
     return sums
 
 
@@ -69,16 +72,8 @@ def evaluate_scorer(
     return sums_of_batches(score, batches, num_items=num_items, ks=ks)
 
 
-def load_registered(model_uri: str, tracking_uri: str) -> Any:
-    """The ``RecommenderModel`` behind a registry URI (``models:/name@alias``), its files
-    verified against the digests recorded at registration (``load_registered_model``)."""
-    from recsys_spark.training.package import load_registered_model
-
-    return load_registered_model(model_uri, tracking_uri)
-
-
 def evaluate_registered(
-    model: Any,
+    model: RecommenderModel,
     source: TableSlice,
     *,
     num_items: int,
@@ -86,13 +81,11 @@ def evaluate_registered(
     mask_seen: bool,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """Metrics of a ``RecommenderModel`` (see ``load_registered``) on ``source``, in process."""
+    """Metrics of a registered model (``modeling.package.load_registered_model``) on ``source``,
+    in process."""
     sums = evaluate_scorer(model.score_batch, source, num_items=num_items, max_length=model.spec.max_length,
                            ks=ks, mask_seen=mask_seen, batch_size=batch_size)
     return sums.means()
-
-
-_MODELS: dict[tuple[str, str], Any] = {}
 
 
 def _partition_sums(
@@ -105,12 +98,10 @@ def _partition_sums(
     mask_seen: bool,
     batch_size: int,
 ) -> Iterator[pa.RecordBatch]:
-    # Loaded once per Python worker process, then reused by every partition it runs; the same
-    # URI in another tracking store is another model.
-    key = (tracking_uri, model_uri)
-    if key not in _MODELS:
-        _MODELS[key] = load_registered(model_uri, tracking_uri)
-    model = _MODELS[key]
+    # in Spark's Python workers only: training ranks import this module without MLflow
+    from recsys_spark.modeling.package import cached_registered_model
+
+    model = cached_registered_model(model_uri, tracking_uri)
     collate = partial(eval_batch, max_length=model.spec.max_length, mask_seen=mask_seen)
     sums = sums_of_batches(model.score_batch, collate_with(batches, collate, batch_size), num_items=num_items,
                            ks=ks)

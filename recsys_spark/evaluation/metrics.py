@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-DEFAULT_KS = (5, 10, 20)
-COVERAGE_K = 10
+from recsys_spark.constants import MRR, metric_names
 
 
 @dataclass
@@ -73,14 +72,10 @@ class MetricSums:
         return out
 
 
-def metric_key(name: str) -> str:
-    """``hit@10`` -> ``hit_at_10``: MLflow metric names may not contain ``@``."""
-    return name.replace("@", "_at_")
-
-
-def empty_sums(num_items: int, ks: Sequence[int] = DEFAULT_KS) -> MetricSums:
+def empty_sums(num_items: int, ks: Sequence[int]) -> MetricSums:
     sums = MetricSums(tuple(ks), num_items)
-    sums.sums = {f"{m}@{k}": 0.0 for m in ("hit", "ndcg", "recall") for k in ks} | {"mrr": 0.0}
+    # coverage comes from the recommended items, not from sums
+    sums.sums = {name: 0.0 for name in metric_names(ks) if not name.startswith("coverage@")}
     return sums
 
 
@@ -110,7 +105,8 @@ def batch_sums(
     scores: torch.Tensor,
     targets: torch.Tensor,
     seen: torch.Tensor | None = None,
-    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    ks: Sequence[int],
 ) -> MetricSums:
     """Metric sums of one batch. scores (B, I) over item indices 0..I-1; targets (B, T) and
     seen (B, S) item indices padded with -1. Rows without targets are skipped."""
@@ -142,6 +138,6 @@ def batch_sums(
         values, indices = top.values[:, :k], top.indices[:, :k]
         sums.recommended[k][indices[torch.isfinite(values)].cpu().numpy()] = True
     best = ranks.min(1).values.float()
-    sums.sums["mrr"] = float(torch.where(best < catalogue, 1.0 / (best + 1.0), 0.0).sum())
+    sums.sums[MRR] = float(torch.where(best < catalogue, 1.0 / (best + 1.0), 0.0).sum())
     sums.rows = float(len(targets))
     return sums

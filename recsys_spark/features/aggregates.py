@@ -19,6 +19,7 @@ from recsys_spark.constants import (
     EVENT_TS,
     ITEM_ID,
     ITEM_IDX,
+    LAST_EVENT_TS,
 )
 
 _DAY_MICROS = 86_400 * 1_000_000
@@ -65,7 +66,7 @@ def build_item_features(
             F.max_by(CATEGORY_ID, F.when(F.col(CATEGORY_ID).isNotNull(), F.col(EVENT_TS))).alias(CATEGORY_ID),
             *[column.alias(name) for name, column in window_counts(as_of, windows_days).items()],
             F.count("*").alias("total_events"),
-            F.max(EVENT_TS).alias("last_event_ts"),
+            F.max(EVENT_TS).alias(LAST_EVENT_TS),
         )
         .withColumn("conversion_rate", _rate("buy_total", "pv_total"))
     )

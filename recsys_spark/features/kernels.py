@@ -17,7 +17,28 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from recsys_spark.constants import BEHAVIORS, SPLIT, TEST, TRAIN, USER_ID, USER_IDX, VALIDATION
+from recsys_spark.constants import (
+    BEHAVIORS,
+    BOUGHT_ITEMS,
+    HISTORY_BEHAVIORS,
+    HISTORY_END_TS,
+    HISTORY_GAPS,
+    HISTORY_ITEMS,
+    LAST_EVENT_TS,
+    LAST_STEP_TS,
+    SEEN_ITEMS,
+    SEQUENCE_BEHAVIORS,
+    SEQUENCE_GAPS,
+    SEQUENCE_ITEMS,
+    SPLIT,
+    TARGET_START_TS,
+    TARGETS,
+    TEST,
+    TRAIN,
+    USER_ID,
+    USER_IDX,
+    VALIDATION,
+)
 
 MICROS = 1_000_000
 DAY_MICROS = 86_400 * MICROS
@@ -168,7 +189,7 @@ def user_features_schema(windows_days: Sequence[int]) -> pa.Schema:
             pa.field(USER_ID, pa.int64()),
             *[pa.field(name, pa.int64()) for name in user_feature_names(windows_days)],
             pa.field("total_events", pa.int64()),
-            pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
+            pa.field(LAST_EVENT_TS, pa.timestamp("us", tz="UTC")),
             pa.field("recency_seconds", pa.int64()),
             pa.field("distinct_categories", pa.int64()),
             pa.field("view_to_buy_rate", pa.float64()),
@@ -234,26 +255,17 @@ def _category_tastes(events: UserEvents, owner: np.ndarray, k: int) -> tuple[np.
 # --- sequences and examples ----------------------------------------------------------------------
 
 
-def sequence_fields(prefix: str) -> list[pa.Field]:
-    return [
-        pa.field(f"{prefix}_items", pa.list_(pa.int32())),
-        pa.field(f"{prefix}_behaviors", pa.list_(pa.int8())),
-        pa.field(f"{prefix}_gaps", pa.list_(pa.int32())),
-        pa.field(f"{prefix}_end_ts", pa.timestamp("us", tz="UTC")),
-    ]
-
-
 USER_SEQUENCES_SCHEMA = pa.schema(
     [
         pa.field(USER_IDX, pa.int32()),
         pa.field(USER_ID, pa.int64()),
-        pa.field("items", pa.list_(pa.int32())),
-        pa.field("behaviors", pa.list_(pa.int8())),
-        pa.field("gaps", pa.list_(pa.int32())),
-        pa.field("last_event_ts", pa.timestamp("us", tz="UTC")),
-        pa.field("last_step_ts", pa.timestamp("us", tz="UTC")),  # the gaps count back from it
+        pa.field(SEQUENCE_ITEMS, pa.list_(pa.int32())),
+        pa.field(SEQUENCE_BEHAVIORS, pa.list_(pa.int8())),
+        pa.field(SEQUENCE_GAPS, pa.list_(pa.int32())),
+        pa.field(LAST_EVENT_TS, pa.timestamp("us", tz="UTC")),
+        pa.field(LAST_STEP_TS, pa.timestamp("us", tz="UTC")),  # the gaps count back from it
         pa.field("length", pa.int32()),
-        pa.field("bought_items", pa.list_(pa.int32())),
+        pa.field(BOUGHT_ITEMS, pa.list_(pa.int32())),
     ]
 )
 
@@ -261,10 +273,13 @@ EXAMPLES_SCHEMA = pa.schema(
     [
         pa.field(USER_IDX, pa.int32()),
         pa.field(USER_ID, pa.int64()),
-        *sequence_fields("history"),
-        pa.field("targets", pa.list_(pa.int32())),
-        pa.field("target_start_ts", pa.timestamp("us", tz="UTC")),
-        pa.field("seen_items", pa.list_(pa.int32())),
+        pa.field(HISTORY_ITEMS, pa.list_(pa.int32())),
+        pa.field(HISTORY_BEHAVIORS, pa.list_(pa.int8())),
+        pa.field(HISTORY_GAPS, pa.list_(pa.int32())),
+        pa.field(HISTORY_END_TS, pa.timestamp("us", tz="UTC")),
+        pa.field(TARGETS, pa.list_(pa.int32())),
+        pa.field(TARGET_START_TS, pa.timestamp("us", tz="UTC")),
+        pa.field(SEEN_ITEMS, pa.list_(pa.int32())),
         pa.field(SPLIT, pa.string()),
     ]
 )

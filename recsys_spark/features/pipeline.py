@@ -8,7 +8,6 @@ of ``silver/events``; both are recorded — in every gold table's commit metadat
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,9 @@ from recsys_spark.features.sequences import (
     user_sequences_table,
     user_table,
 )
-from recsys_spark.logs import get_logger, log_event, timed
+from recsys_spark.logs import get_logger, log_event, log_event_at, timed
+from recsys_spark.records import GoldCommit
+from recsys_spark.spark import one_row
 from recsys_spark.storage import Lakehouse
 
 if TYPE_CHECKING:
@@ -148,6 +149,21 @@ def temporal_cutoffs(
     return validation_start, test_start
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one features run builds from: the events up to the as-of time and the decisions
+    taken from them (catalogue size, split protocol and cut-offs, collapsing)."""
+
+    events: DataFrame
+    silver_version: int
+    as_of: datetime
+    num_items: int
+    protocol: SplitProtocol
+    collapse: bool
+    validation_start: datetime | None
+    test_start: datetime | None
+
+
 def build_features(
     spark: SparkSession,
     lake: Lakehouse,
@@ -162,21 +178,41 @@ def build_features(
         InputDataError: silver holds no events at or before the as-of time.
         ConfigError: the temporal cut-offs do not fit the data.
     """
-    cfg = settings.features
-    version = lake.version(SILVER_EVENTS) if silver_version is None else silver_version
+    plan = _plan(lake, settings.features, lake.version(SILVER_EVENTS) if silver_version is None else silver_version)
+    report = FeatureReport(
+        run_id=f"features-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
+        as_of=plan.as_of,
+        protocol=plan.protocol,
+        validation_start=plan.validation_start,
+        test_start=plan.test_start,
+        source_versions={SILVER_EVENTS: plan.silver_version},
+        num_users=0,
+        num_items=plan.num_items,
+    )
+    log_event(log, "features.start", run_id=report.run_id, as_of=plan.as_of.isoformat(),
+              protocol=plan.protocol, silver_version=plan.silver_version)
+    _write_gold(lake, settings.features, plan, report)
+    report.num_users = report.rows[GOLD_USER_SEQUENCES]
+    _record_run(spark, lake, report, settings.features)
+    log_event(log, "features.done", run_id=report.run_id, rows=report.rows,
+              versions=report.output_versions)
+    return report
+
+
+def _plan(lake: Lakehouse, cfg: FeatureSettings, version: int) -> _Plan:
     events = lake.read(SILVER_EVENTS, version=version).select(
         USER_IDX, USER_ID, ITEM_IDX, ITEM_ID, CATEGORY_ID, BEHAVIOR, EVENT_TS
     )
     # Epoch micros, not timestamps: collected timestamps come back in the driver's local zone.
-    bounds = events.agg(
+    bounds = one_row(events.agg(
         F.unix_micros(F.min(EVENT_TS)).alias("first"),
         F.unix_micros(F.max(EVENT_TS)).alias("last"),
         F.max(ITEM_IDX).alias("top_item"),
-    ).first()
-    if bounds is None or bounds["last"] is None:
+    ))
+    if bounds["last"] is None:
         raise InputDataError(f"{SILVER_EVENTS} (version {version}) holds no events")
-    first_event = _from_micros(bounds["first"])
-    as_of = cfg.as_of or _from_micros(bounds["last"])
+    first_event, last_event = _from_micros(bounds["first"]), _from_micros(bounds["last"])
+    as_of = cfg.as_of or last_event
     # Dictionary entries are made for exactly the items of clean events, so the catalogue
     # size follows from the events version alone and a rebuild gets the same one.
     num_items = int(bounds["top_item"]) + 1
@@ -186,39 +222,26 @@ def build_features(
     # The catalogue ends at the largest item index seen by as_of; a smaller index first seen
     # later (indices follow ids within an ingest run) stays an unused slot, never a target.
     if cfg.as_of is not None:
-        num_items = int(events.agg(F.max(ITEM_IDX)).first()[0] or -1) + 1
+        num_items = int(one_row(events.agg(F.max(ITEM_IDX)))[0] or -1) + 1
     formats = ingested_formats(lake, version)
     protocol = resolve_protocol(cfg, formats)
-    collapse = resolve_collapse(cfg, formats)
     validation_start = test_start = None
     if protocol == "temporal":
         validation_start, test_start = temporal_cutoffs(cfg, first_event, as_of)
-        last_event = _from_micros(bounds["last"])
         if last_event < test_start:  # an as-of past the data leaves the end windows empty
-            log_event(log, "features.empty_windows", logging.WARNING, last_event=last_event.isoformat(),
-                      validation_start=validation_start.isoformat(), test_start=test_start.isoformat(),
-                      hint="no events in the test window (and none in validation if last_event "
-                      "< validation_start); move features.as_of or the cut-offs")
+            log_event_at(log, logging.WARNING, "features.empty_windows", last_event=last_event.isoformat(),
+                         validation_start=validation_start.isoformat(), test_start=test_start.isoformat(),
+                         hint="no events in the test window (and none in validation if last_event "
+                         "< validation_start); move features.as_of or the cut-offs")
+    return _Plan(events, version, as_of, num_items, protocol, resolve_collapse(cfg, formats), validation_start,
+                 test_start)
 
-    report = FeatureReport(
-        run_id=f"features-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}",
-        as_of=as_of,
-        protocol=protocol,
-        validation_start=validation_start,
-        test_start=test_start,
-        source_versions={SILVER_EVENTS: version},
-        num_users=0,
-        num_items=num_items,
-    )
-    commit_info = {
-        "feature_run_id": report.run_id,
-        "as_of": as_of.isoformat(),
-        "protocol": protocol,
-        "source_versions": json.dumps(report.source_versions),
-        "num_items": str(num_items),
-    }
-    log_event(log, "features.start", run_id=report.run_id, as_of=as_of.isoformat(),
-              protocol=protocol, silver_version=version)
+
+def _write_gold(lake: Lakehouse, cfg: FeatureSettings, plan: _Plan, report: FeatureReport) -> None:
+    """The item table from the events, the three user tables from one shuffle of them; every
+    commit records the run (``GoldCommit``)."""
+    commit_info = GoldCommit(report.run_id, plan.as_of, plan.protocol, report.source_versions,
+                             plan.num_items).commit_info()
 
     def write(df: DataFrame, table: str, partition_by: tuple[str, ...] = ()) -> None:
         with timed(log, "features.write", table=table) as out:
@@ -228,30 +251,25 @@ def build_features(
         report.output_versions[table] = result.version
         report.rows[table] = result.rows_written or 0
 
-    write(build_item_features(events, as_of=as_of, windows_days=cfg.windows_days), GOLD_ITEM_FEATURES)
-    if validation_start is not None and test_start is not None:
-        examples = temporal_table(validation_start=validation_start, test_start=test_start,
-                                  max_length=cfg.max_sequence_length, collapse_repeats=collapse)
+    write(build_item_features(plan.events, as_of=plan.as_of, windows_days=cfg.windows_days), GOLD_ITEM_FEATURES)
+    if plan.validation_start is not None and plan.test_start is not None:
+        examples = temporal_table(validation_start=plan.validation_start, test_start=plan.test_start,
+                                  max_length=cfg.max_sequence_length, collapse_repeats=plan.collapse)
     else:
-        examples = leave_one_out_table(max_length=cfg.max_sequence_length, collapse_repeats=collapse)
+        examples = leave_one_out_table(max_length=cfg.max_sequence_length, collapse_repeats=plan.collapse)
     user_tables = [
-        user_features_table(as_of=as_of, windows_days=cfg.windows_days, top_categories=cfg.top_categories),
-        user_sequences_table(max_length=cfg.max_sequence_length, collapse_repeats=collapse),
+        user_features_table(as_of=plan.as_of, windows_days=cfg.windows_days, top_categories=cfg.top_categories),
+        user_sequences_table(max_length=cfg.max_sequence_length, collapse_repeats=plan.collapse),
         examples,
     ]
     with lake.scratch(f"features/{report.run_id}") as scratch:
         # The one user-side shuffle and one Python pass derive all three tables; their rows
         # (one per user or example, far fewer than events) are staged once and split.
         with timed(log, "features.user_tables", run_id=report.run_id):
-            derived = scratch.put(derive_user_tables(cluster_user_events(events), user_tables), "user_tables")
+            derived = scratch.put(derive_user_tables(cluster_user_events(plan.events), user_tables), "user_tables")
         for table in user_tables:
             write(user_table(derived, table), table.name,
                   partition_by=(SPLIT,) if table is examples else ())
-    report.num_users = report.rows[GOLD_USER_SEQUENCES]
-    _record_run(spark, lake, report, cfg)
-    log_event(log, "features.done", run_id=report.run_id, rows=report.rows,
-              versions=report.output_versions)
-    return report
 
 
 def _from_micros(micros: int) -> datetime:

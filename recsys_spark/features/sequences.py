@@ -175,11 +175,11 @@ def _derive(
 ) -> Iterator[pa.RecordBatch]:
     for chunk in kernels.whole_users(batches, min_rows=_ROWS_PER_KERNEL_CALL):
         events = kernels.from_arrow(chunk)
-        collapsed = None
+        collapsed: kernels.UserEvents | None = None
         for position, table in enumerate(tables):
             if table.collapse and collapsed is None:
                 collapsed = kernels.collapse_repeats(events)
-            result = table.kernel(collapsed if table.collapse else events)
+            result = table.kernel(collapsed if table.collapse and collapsed is not None else events)
             for rows in result.to_batches() if isinstance(result, pa.Table) else [result]:
                 columns = [
                     pa.StructArray.from_arrays(rows.columns, fields=list(rows.schema))

@@ -27,7 +27,7 @@ import pyarrow as pa
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-from recsys_spark.ingest.sources import InputFile, is_uri
+from recsys_spark.ingest.sources import is_uri
 
 PREVIEW_BYTES = 256  # of a too-long line, kept in bronze and quarantine
 _CHUNK_BYTES = 8 << 20
@@ -60,20 +60,20 @@ class LineSource:
 
 
 def guard_long_lines(
-    files: list[InputFile], folder: Path | None, *, max_line_bytes: int, marker: LineMarker
+    sources: list[LineSource], folder: Path | None, *, max_line_bytes: int, marker: LineMarker
 ) -> list[LineSource]:
     """The files to read: each local file with a line over ``max_line_bytes`` replaced by a
     stand-in copy in ``folder`` (``None``: no local folder, files are read as they are)."""
-    sources = []
-    for number, file in enumerate(files):
-        read = file.path
-        if folder is not None and _scannable(file.path) and _has_long_line(file.path, max_line_bytes):
+    guarded = []
+    for number, source in enumerate(sources):
+        read = source.read
+        if folder is not None and _scannable(read) and _has_long_line(read, max_line_bytes):
             folder.mkdir(parents=True, exist_ok=True)
             read = str(folder / f"{number}.txt")
-            with _open(file.path) as src, open(read, "wb") as dst:
+            with _open(source.read) as src, open(read, "wb") as dst:
                 _copy_with_markers(src, dst, max_line_bytes, marker)
-        sources.append(LineSource(read=read, source=file.path))
-    return sources
+        guarded.append(LineSource(read=read, source=source.source))
+    return guarded
 
 
 def marked_lines(value: Column, marker: LineMarker | None) -> tuple[Column, Column]:
@@ -103,7 +103,7 @@ def _scannable(path: str) -> bool:
 
 def _open(path: str) -> BinaryIO:
     codec = _DECOMPRESSED.get(Path(path).suffix.lower())
-    return pa.input_stream(_local(path), compression=codec)  # type: ignore[return-value]
+    return pa.input_stream(_local(path), compression=codec)
 
 
 def _separators(chunk: bytes) -> np.ndarray:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import reduce
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from recsys_spark.constants import (
@@ -74,7 +74,8 @@ _EPOCH_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\z"
 # ISO-8601 strings must start with a full date: Spark reads a bare time ("16:00") as today's.
 _ISO_DATE_PATTERN = r"^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
 # A closing brace followed by more than spaces or braces: worth a strict second look (below).
-_AFTER_OBJECT_PATTERN = r"\}\s*[^\s}]"
+# Anything after a closing brace: the lines worth checking for text after the object.
+_AFTER_BRACE_PATTERN = r"\}\s*\S"
 _EPOCH_LIMIT = 1e15  # as milliseconds, year 33658; keeps microseconds inside 64 bits
 _MILLIS_THRESHOLD = 1e11  # 1e11 seconds is year 5138; as milliseconds it is 1973
 _TAOBAO_FIELDS = 5
@@ -287,9 +288,11 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
         F.filter(keys, lambda k, i: F.array_position(keys, k) != i + 1), F.lit(1)
     )
     # Spark's JSON reader stops after the first value, so "{...}{...}" (a lost newline) would
-    # drop the second event silently. As the only element of an array, the line must parse whole.
-    text_after_object = F.col(RAW).rlike(_AFTER_OBJECT_PATTERN) & F.coalesce(
-        F.json_array_length(F.concat(F.lit("["), F.col(RAW), F.lit("]"))) != 1, F.lit(True)
+    # drop the second event silently, and "{...}}" would pass. Followed by ",0" inside an
+    # array, a line that is exactly one JSON value makes an array of two; anything after the
+    # value makes it longer, cut short (a stray "]") or invalid.
+    text_after_object = F.col(RAW).rlike(_AFTER_BRACE_PATTERN) & F.coalesce(
+        F.json_array_length(F.concat(F.lit("["), F.col(RAW), F.lit(",0]"))) != 2, F.lit(True)
     )
     checks = [
         _Check(F.col("_obj").isNull(), MALFORMED_JSON, F.lit("not a JSON object")),
@@ -312,20 +315,32 @@ def parse_jsonl(raw: DataFrame, rules: ValidationRules) -> DataFrame:
 
 
 def parse_sequences(raw: DataFrame, rules: ValidationRules) -> DataFrame:
-    """Parse ``user item item ...`` lines into one ``buy`` event per item occurrence."""
+    """Parse ``user item item ...`` lines into one ``buy`` event per item occurrence.
+
+    Item ``p`` of a user's items is timed ``base + p * step``, counting across the user's lines
+    in file and line order (a user on two lines continues, never restarts: their items must not
+    interleave, nor share a time and pass for duplicates)."""
     # Any whitespace separates tokens, so padding of any kind (a leading tab) is not a token.
     # A too-long line is one row, whatever its first bytes hold.
     tokens = F.when(F.col(LINE_BYTES) <= rules.max_line_bytes, F.array_remove(F.split(F.col(RAW), r"\s+"), ""))
-    df = raw.select(
+    items = F.slice(tokens, 2, F.greatest(F.size(tokens) - 1, F.lit(0)))
+    lines = raw.select(
         RAW,
         SOURCE_FILE,
         LINE_BYTES,
+        # read order within a file, taken before any shuffle (Spark keeps a file's splits in order)
+        F.monotonically_increasing_id().alias("_line"),
         F.try_element_at(tokens, F.lit(1)).alias("_user"),
-        F.slice(tokens, 2, F.greatest(F.size(tokens) - 1, F.lit(0))).alias("_items"),
+        items.alias("_items"),
     )
-    df = df.select(RAW, SOURCE_FILE, LINE_BYTES, "_user", F.posexplode_outer("_items").alias("_pos", "_item"))
+    earlier = Window.partitionBy(F.col("_user").try_cast("bigint")).orderBy(SOURCE_FILE, "_line").rowsBetween(
+        Window.unboundedPreceding, -1)
+    lines = lines.withColumn("_before", F.coalesce(F.sum(F.greatest(F.size("_items"), F.lit(0))).over(earlier),
+                                                   F.lit(0)))
+    df = lines.select(RAW, SOURCE_FILE, LINE_BYTES, "_user", "_before",
+                      F.posexplode_outer("_items").alias("_pos", "_item"))
     base = F.lit(rules.sequence_base_time).cast("timestamp")
-    step = F.make_dt_interval(secs=F.col("_pos") * rules.sequence_step_seconds)
+    step = F.make_dt_interval(secs=(F.col("_before") + F.col("_pos")) * rules.sequence_step_seconds)
     df = df.select(
         "*",
         F.lit(None).cast("string").alias(EVENT_ID),

@@ -53,23 +53,25 @@ from recsys_spark.constants import (
     InputFormat,
 )
 from recsys_spark.errors import InputDataError
+from recsys_spark.ingest.appends import Append, IngestedFile, copy_tail, find_append
 from recsys_spark.ingest.long_lines import LineMarker, LineSource, guard_long_lines, marked_lines
 from recsys_spark.ingest.parse import ValidationRules, parse_lines
 from recsys_spark.ingest.sources import InputFile, discover_inputs, is_uri
 from recsys_spark.ingest.transforms import (
     TIEBREAK,
     bronze_rows,
+    continue_sequences,
     drop_known,
     event_key,
     first_occurrences,
-    repeated_key_hashes,
     new_index_entries,
     quarantine_rows,
+    repeated_key_hashes,
     silver_rows,
     with_indices,
 )
 from recsys_spark.logs import get_logger, log_event, timed
-from recsys_spark.spark import literal_path
+from recsys_spark.spark import hadoop_conf, jvm, literal_path, one_row
 from recsys_spark.storage import Idempotency, Lakehouse
 
 if TYPE_CHECKING:
@@ -94,6 +96,11 @@ INGEST_RUNS_SCHEMA = T.StructType(
                         T.StructField("fingerprint", T.StringType()),
                         T.StructField("rows_in", T.LongType()),
                         T.StructField("skipped", T.BooleanType()),
+                        T.StructField("size", T.LongType()),
+                        # bytes an earlier ingest of the same path had read (an appended log)
+                        T.StructField("offset", T.LongType()),
+                        # rows of the whole file: this run's and the earlier ingests' it extends
+                        T.StructField("rows_total", T.LongType()),
                     ]
                 )
             ),
@@ -189,22 +196,24 @@ def run_ingest(
     started = now or datetime.now(UTC)
     files = discover_inputs(input_path, spark, lakehouse=lake.root)
     with lake.lock("ingest"):
-        ingested = _ingested_fingerprints(lake)
-        new_files = [f for f in files if f.fingerprint not in ingested]
+        ingested = _ingested_files(lake)
+        rows_of = {f.fingerprint: f.rows_total for f in ingested}
+        new_files = [f for f in files if f.fingerprint not in rows_of]
+        appends = {f.path: found for f in new_files if (found := find_append(f, ingested)) is not None}
         run_id = _run_id(fmt, new_files or files)
         log_event(log, "ingest.start", run_id=run_id, format=fmt, files=len(files),
-                  already_ingested=len(files) - len(new_files))
-        skipped_rows = sum(ingested.get(f.fingerprint, 0) for f in files if f not in new_files)
+                  already_ingested=len(files) - len(new_files), appended=len(appends))
+        skipped_rows = sum(rows_of.get(f.fingerprint, 0) for f in files if f not in new_files)
         if new_files:
-            report = _ingest_files(spark, lake, settings, new_files, run_id, fmt, started)
+            report = _ingest_files(spark, lake, settings, _Inputs(new_files, appends), run_id, fmt, started)
         else:
             report = _empty_report(run_id, fmt)
         report.input = str(input_path)
         report.rows_in += skipped_rows
         report.rows_duplicate += skipped_rows
         report.files += [
-            {"path": f.path, "fingerprint": f.fingerprint, "rows_in": ingested[f.fingerprint],
-             "skipped": True}
+            {"path": f.path, "fingerprint": f.fingerprint, "rows_in": rows_of[f.fingerprint],
+             "skipped": True, "size": f.size, "offset": 0, "rows_total": rows_of[f.fingerprint]}
             for f in files
             if f not in new_files
         ]
@@ -215,51 +224,74 @@ def run_ingest(
     return report
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The files a run reads, and those of them that extend a file ingested before."""
+
+    files: list[InputFile]
+    appends: dict[str, Append]
+
+    def sources(self, folder: Path | None) -> list[LineSource]:
+        """What Spark reads for each file: the file, or a copy of its appended bytes."""
+        sources = []
+        for number, file in enumerate(self.files):
+            append = self.appends.get(file.path)
+            read = file.path
+            if append is not None and folder is not None:
+                read = copy_tail(file.path, append.offset, folder / f"{number}.tail")
+            sources.append(LineSource(read=read, source=file.path))
+        return sources
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """How the parsed rows of a run divide up: the parse summary, and the bad lines that were
+    quarantined before (same file, same text: an edited log read again) per reason."""
+
+    summary: _ParseSummary
+    seen_bad: dict[str, int]
+
+    @property
+    def quarantined(self) -> dict[str, int]:
+        left = {r: n - self.seen_bad.get(r, 0) for r, n in self.summary.reasons.items()}
+        return {r: n for r, n in left.items() if n}
+
+
 def _ingest_files(
     spark: SparkSession,
     lake: Lakehouse,
     settings: Settings,
-    files: list[InputFile],
+    inputs: _Inputs,
     run_id: str,
     fmt: InputFormat,
     started: datetime,
 ) -> IngestReport:
     once = Idempotency(app_id=run_id, version=1)
-    marker = LineMarker.new()
     with lake.scratch(f"ingest/{run_id}") as scratch:
-        stand_ins = None if is_uri(scratch.path) else Path(scratch.path) / "long-lines"
-        sources = guard_long_lines(files, stand_ins, max_line_bytes=settings.ingest.max_line_bytes,
-                                   marker=marker)
-        raw = read_lines(spark, sources, marker=marker)
+        local = None if is_uri(scratch.path) else Path(scratch.path)
+        raw = _read_inputs(spark, inputs, local, settings.ingest.max_line_bytes)
         # Parse once into scratch: every later pass (counts, quarantine, duplicates,
         # dictionaries, silver) reads typed columns instead of re-parsing the text.
         with timed(log, "ingest.parse", run_id=run_id):
-            parsed = scratch.put(staged_parse(raw, fmt, validation_rules(settings, started)), "parsed")
+            parsed = staged_parse(raw, fmt, validation_rules(settings, started))
+            if fmt == "sequences":
+                parsed = continue_sequences(parsed, _last_event_times(lake, run_id), settings.ingest)
+            parsed = scratch.put(parsed, "parsed")
         summary = _summarize(parsed)
-        log_event(log, "ingest.validated", run_id=run_id, valid=summary.valid,
-                  quarantined=summary.reasons)
-        if summary.valid == 0:
-            reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
-            hint = (
-                "is it text? Compressed files are read by extension: .gz, .bz2, .zst"
-                if set(summary.reasons) == {INVALID_ENCODING}
-                else "check --format"
-            )
-            raise InputDataError(
-                f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); {hint}"
-            )
+        log_event(log, "ingest.validated", run_id=run_id, valid=summary.valid, quarantined=summary.reasons)
+        _require_valid_rows(summary, inputs.files, fmt)
+        seen_bad = scratch.put(_already_quarantined(lake, parsed, run_id), "seen_bad")
+        counts = _Counts(summary, {r[REASON]: int(r["n"]) for r in seen_bad.groupBy(REASON).count()
+                                   .withColumnRenamed("count", "n").collect()})
         versions: dict[str, int] = {}
         with timed(log, "ingest.bronze", run_id=run_id):
-            bronze = lake.write(
-                bronze_rows(raw, run_id, started), BRONZE_EVENTS_RAW,
-                partition_by=[INGEST_DATE], idempotency=once,
-            )
+            bronze = lake.write(bronze_rows(raw, run_id, started), BRONZE_EVENTS_RAW,
+                                partition_by=[INGEST_DATE], idempotency=once)
             versions[BRONZE_EVENTS_RAW] = bronze.version
         with timed(log, "ingest.quarantine", run_id=run_id):
-            versions[QUARANTINE_EVENTS] = lake.write(
-                quarantine_rows(parsed, run_id, started), QUARANTINE_EVENTS,
-                partition_by=[INGEST_DATE], idempotency=once,
-            ).version
+            bad = quarantine_rows(parsed.join(seen_bad, [SOURCE_FILE, RAW, REASON], "left_anti"), run_id, started)
+            versions[QUARANTINE_EVENTS] = lake.write(bad, QUARANTINE_EVENTS, partition_by=[INGEST_DATE],
+                                                     idempotency=once).version
         valid = parsed.filter(F.col(REASON).isNull()).drop(RAW, REASON, DETAIL)
         # Dictionaries from every valid row: a duplicate or an already-ingested event carries
         # ids that its first occurrence brings anyway, so the result equals that of the clean
@@ -274,43 +306,99 @@ def _ingest_files(
             repeated = scratch.put(repeated_key_hashes(valid), "repeated")  # small: duplicates are rare
         with timed(log, "ingest.silver", run_id=run_id):
             clean = drop_known(first_occurrences(valid, repeated), _known_events(lake, summary, run_id))
-            silver = silver_rows(with_indices(clean, user_index, item_index), run_id)
-            if lake.exists(SILVER_EVENTS) and EVENT_KEY in lake.read(SILVER_EVENTS).columns:
-                # silver tables created before the key string was dropped keep getting it
-                silver = silver.withColumn(EVENT_KEY, event_key())
-            result = lake.write(
-                silver,
-                SILVER_EVENTS,
-                partition_by=[EVENT_DATE],
-                idempotency=once,
-                commit_info={FORMAT_KEY: fmt, "ingest_run_id": run_id},  # see features.ingested_formats
-            )
+            versions[SILVER_EVENTS], rows_clean = _write_silver(
+                lake, silver_rows(with_indices(clean, user_index, item_index), run_id), fmt, once)
         lines_in = bronze.rows_written if bronze.rows_written is not None else raw.count()
-    versions[SILVER_EVENTS] = result.version
-    rows_clean = result.rows_written
-    if rows_clean is None:  # committed by an earlier attempt of this run
-        rows_clean = lake.read(SILVER_EVENTS).filter(F.col(RUN_ID) == run_id).count()
-    quarantined = sum(summary.reasons.values())
+    return _report(run_id, fmt, inputs, counts, rows_clean, lines_in, new_users, new_items, versions)
+
+
+def _read_inputs(spark: SparkSession, inputs: _Inputs, scratch: Path | None, max_line_bytes: int) -> DataFrame:
+    """The lines of the inputs (the appended part of an appended log), too-long ones stood in
+    for (``long_lines``)."""
+    marker = LineMarker.new()
+    sources = inputs.sources(None if scratch is None else scratch / "appended")
+    sources = guard_long_lines(sources, None if scratch is None else scratch / "long-lines",
+                               max_line_bytes=max_line_bytes, marker=marker)
+    return read_lines(spark, sources, marker=marker)
+
+
+def _require_valid_rows(summary: _ParseSummary, files: list[InputFile], fmt: InputFormat) -> None:
+    if summary.valid:
+        return
+    reasons = ", ".join(f"{r}={n}" for r, n in summary.reasons.items()) or "no rows"
+    hint = (
+        "is it text? Compressed files are read by extension: .gz, .bz2, .zst"
+        if set(summary.reasons) == {INVALID_ENCODING}
+        else "check --format"
+    )
+    raise InputDataError(f"nothing in {', '.join(f.path for f in files)} parses as {fmt} ({reasons}); {hint}")
+
+
+def _already_quarantined(lake: Lakehouse, parsed: DataFrame, run_id: str) -> DataFrame:
+    """Bad lines of ``parsed`` that an earlier run quarantined from the same file with the same
+    text and reason: not new, so duplicates, as a good row already in silver is."""
+    bad = parsed.filter(F.col(REASON).isNotNull()).select(SOURCE_FILE, RAW, REASON)
+    if not lake.exists(QUARANTINE_EVENTS):
+        return bad.limit(0)
+    earlier = lake.read(QUARANTINE_EVENTS).filter(F.col(RUN_ID) != run_id).select(SOURCE_FILE, RAW, REASON)
+    return bad.join(earlier.distinct(), [SOURCE_FILE, RAW, REASON], "left_semi")
+
+
+def _write_silver(lake: Lakehouse, silver: DataFrame, fmt: InputFormat, once: Idempotency) -> tuple[int, int]:
+    """Append the run's clean events; returns the version and the rows the run added."""
+    if lake.exists(SILVER_EVENTS) and EVENT_KEY in lake.read(SILVER_EVENTS).columns:
+        # silver tables created before the key string was dropped keep getting it
+        silver = silver.withColumn(EVENT_KEY, event_key())
+    result = lake.write(
+        silver,
+        SILVER_EVENTS,
+        partition_by=[EVENT_DATE],
+        idempotency=once,
+        commit_info={FORMAT_KEY: fmt, "ingest_run_id": once.app_id},  # see features.ingested_formats
+    )
+    rows = result.rows_written
+    if rows is None:  # committed by an earlier attempt of this run
+        rows = lake.read(SILVER_EVENTS).filter(F.col(RUN_ID) == once.app_id).count()
+    return result.version, rows
+
+
+def _report(
+    run_id: str, fmt: InputFormat, inputs: _Inputs, counts: _Counts, rows_clean: int, lines_in: int,
+    new_users: int, new_items: int, versions: dict[str, int],
+) -> IngestReport:
+    summary = counts.summary
+    seen_bad = sum(counts.seen_bad.values())
+    files = []
+    for f in inputs.files:
+        append = inputs.appends.get(f.path)
+        rows = summary.rows_of(f.path)
+        files.append({"path": f.path, "fingerprint": f.fingerprint, "rows_in": rows, "skipped": False,
+                      "size": f.size, "offset": 0 if append is None else append.offset,
+                      "rows_total": rows + (0 if append is None else append.rows_before)})
     return IngestReport(
         run_id=run_id,
         format=fmt,
         input="",
         status="succeeded",
-        rows_in=summary.valid + quarantined,
+        rows_in=summary.valid + sum(summary.reasons.values()),
         rows_clean=rows_clean,
-        rows_quarantined=quarantined,
-        rows_duplicate=summary.valid - rows_clean,
+        rows_quarantined=sum(counts.quarantined.values()),
+        rows_duplicate=summary.valid - rows_clean + seen_bad,
         lines_in=lines_in,
-        quarantine_reasons=summary.reasons,
-        files=[
-            {"path": f.path, "fingerprint": f.fingerprint, "rows_in": summary.rows_of(f.path),
-             "skipped": False}
-            for f in files
-        ],
+        quarantine_reasons=counts.quarantined,
+        files=files,
         new_users=new_users,
         new_items=new_items,
         table_versions=versions,
     )
+
+
+def _last_event_times(lake: Lakehouse, run_id: str) -> DataFrame | None:
+    """Each user's newest event time in silver (not counting this run's own rows)."""
+    if not lake.exists(SILVER_EVENTS):
+        return None
+    return (lake.read(SILVER_EVENTS).filter(F.col(RUN_ID) != run_id)
+            .groupBy(USER_ID).agg(F.max(EVENT_TS).alias(EVENT_TS)))
 
 
 def staged_parse(raw: DataFrame, fmt: InputFormat, rules: ValidationRules) -> DataFrame:
@@ -332,7 +420,7 @@ def _known_events(lake: Lakehouse, summary: _ParseSummary, run_id: str) -> DataF
     # duplicates (partition pruning). An event_id is a key on any date: a re-sent event with a
     # corrected time is still the same event, so events with ids are looked up in every date.
     # Rows this same run committed before a crash are not "already known": they are ours.
-    in_dates = F.col(EVENT_DATE).between(summary.first_valid_date, summary.last_valid_date)
+    in_dates = F.col(EVENT_DATE).between(F.lit(summary.first_valid_date), F.lit(summary.last_valid_date))
     if summary.valid_with_event_id:
         in_dates = in_dates | F.col(EVENT_ID).isNotNull()
     return lake.read(SILVER_EVENTS).filter(in_dates).filter(F.col(RUN_ID) != run_id)
@@ -376,11 +464,10 @@ def read_lines(spark: SparkSession, sources: list[LineSource], *, marker: LineMa
 def _spark_spellings(spark: SparkSession, path: str) -> set[str]:
     """How ``_metadata.file_path`` may spell ``path``: its file system's status path,
     URL-encoded, with a local file's URI as ``file:///x`` or ``file:/x`` (listings differ)."""
-    jvm = spark.sparkContext._jvm  # noqa: SLF001 - Spark's path spelling is only reachable so
-    conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    status = hadoop_path.getFileSystem(conf).getFileStatus(hadoop_path)
-    encoded = jvm.org.apache.spark.paths.SparkPath.fromPath(status.getPath()).urlEncoded()
+    gateway = jvm(spark)
+    hadoop_path = gateway.org.apache.hadoop.fs.Path(path)
+    status = hadoop_path.getFileSystem(hadoop_conf(spark)).getFileStatus(hadoop_path)
+    encoded = gateway.org.apache.spark.paths.SparkPath.fromPath(status.getPath()).urlEncoded()
     return {encoded, re.sub(r"^file:///", "file:/", encoded)}
 
 
@@ -415,7 +502,7 @@ def _extend_index(
     index = lake.read(table) if lake.exists(table) else None
     next_idx = 0
     if index is not None:
-        top = index.agg(F.max(col_idx)).first()[0]
+        top = one_row(index.agg(F.max(col_idx)))[0]
         next_idx = 0 if top is None else int(top) + 1
     entries = new_index_entries(clean, index, col_id=col_id, col_idx=col_idx, next_idx=next_idx)
     entries = entries.withColumn(RUN_ID, F.lit(once.app_id))
@@ -427,19 +514,19 @@ def _extend_index(
     return index, added
 
 
-def _ingested_fingerprints(lake: Lakehouse) -> dict[str, int]:
-    """Fingerprint -> rows of every file a successful run ingested."""
+def _ingested_files(lake: Lakehouse) -> list[IngestedFile]:
+    """Every file a successful run read (not those it skipped as ingested before)."""
     if not lake.exists(OPS_INGEST_RUNS):
-        return {}
+        return []
     rows = (
         lake.read(OPS_INGEST_RUNS)
         .filter(F.col("status") == "succeeded")
         .select(F.explode("files").alias("f"))
         .filter(~F.col("f.skipped"))
-        .select("f.fingerprint", "f.rows_in")
+        .select("f.path", "f.fingerprint", "f.size", "f.rows_total")
         .collect()
     )
-    return {r["fingerprint"]: int(r["rows_in"]) for r in rows}
+    return [IngestedFile(r["path"], r["fingerprint"], int(r["size"]), int(r["rows_total"])) for r in rows]
 
 
 def _run_id(fmt: str, files: list[InputFile]) -> str:
@@ -473,7 +560,8 @@ def _record_run(spark: SparkSession, lake: Lakehouse, report: IngestReport, star
         report.status,
         report.format,
         report.input,
-        [(f["path"], f["fingerprint"], f["rows_in"], f["skipped"]) for f in report.files],
+        [(f["path"], f["fingerprint"], f["rows_in"], f["skipped"], f["size"], f["offset"], f["rows_total"])
+         for f in report.files],
         report.rows_in,
         report.rows_clean,
         report.rows_quarantined,

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_spark.errors import InputDataError
-from recsys_spark.logs import get_logger, log_event
+from recsys_spark.logs import get_logger, log_event_at
+from recsys_spark.spark import hadoop_conf, jvm
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -82,9 +83,8 @@ def _checked(target: str, files: list[InputFile]) -> list[InputFile]:
 
 
 def _hadoop_files(spark: SparkSession, uri: str, lakehouse: str | None) -> list[InputFile]:
-    jvm: Any = spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem is only reachable so
-    root = jvm.org.apache.hadoop.fs.Path(uri)
-    conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
+    gateway, conf = jvm(spark), hadoop_conf(spark)
+    root = gateway.org.apache.hadoop.fs.Path(uri)
     fs = root.getFileSystem(conf)
     if not fs.exists(root):
         raise InputDataError(f"input not found: {uri}")
@@ -94,7 +94,7 @@ def _hadoop_files(spark: SparkSession, uri: str, lakehouse: str | None) -> list[
     prefix = len(status.getPath().toString().rstrip("/")) + 1
     own = None  # the lakehouse's own files, as Hadoop spells them
     if lakehouse is not None:
-        own_root = jvm.org.apache.hadoop.fs.Path(lakehouse)
+        own_root = gateway.org.apache.hadoop.fs.Path(lakehouse)
         own = own_root.getFileSystem(conf).makeQualified(own_root).toString().rstrip("/") + "/"
     found = []
     listing = fs.listFiles(root, True)  # recursive
@@ -146,7 +146,7 @@ def _inside(entry: str, real: str, top: str) -> bool:
     """Whether ``entry`` (resolving to ``real``) may be read as part of the folder ``top``."""
     if os.path.commonpath([real, top]) == top:
         return True
-    log_event(log, "ingest.link_skipped", logging.WARNING, link=entry, target=real,
+    log_event_at(log, logging.WARNING, "ingest.link_skipped", link=entry, target=real,
               reason="points outside the input folder")
     return False
 

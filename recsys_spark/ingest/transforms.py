@@ -8,6 +8,7 @@ from functools import reduce
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from recsys_spark.config import IngestSettings
 from recsys_spark.constants import (
     BEHAVIOR,
     CATEGORY_ID,
@@ -201,3 +202,25 @@ def quarantine_rows(parsed: DataFrame, run_id: str, quarantined_at: datetime) ->
     return parsed.filter(F.col(REASON).isNotNull()).select(
         *_with_lineage(QUARANTINE_COLUMNS, run_id, quarantined_at)
     )
+
+
+def continue_sequences(parsed: DataFrame, last_times: DataFrame | None, settings: IngestSettings) -> DataFrame:
+    """``sequences`` events of users silver already holds, moved to follow their newest event.
+
+    The parser times each user's items from ``ingest.sequence_base_time`` on, one
+    ``sequence_step_seconds`` apart (a user's later lines of the same input continue the
+    earlier ones); a user already in silver (``last_times``: user -> newest event time) resumes
+    one step after their newest event instead, so their items never interleave with, or repeat
+    the times of, what was ingested before.
+    """
+    if last_times is None:
+        return parsed
+    base = F.lit(settings.sequence_base_time).cast("timestamp")
+    resume = F.col("_last") + F.make_dt_interval(secs=F.lit(settings.sequence_step_seconds))
+    shift = F.when(F.col("_last").isNotNull() & (resume > base), resume - base)
+    known = last_times.select(F.col(USER_ID), F.col(EVENT_TS).alias("_last"))
+    # the users of this input only: a broadcast-sized lookup, not a shuffle of silver
+    users = parsed.filter(F.col(REASON).isNull()).select(USER_ID).distinct()
+    known = known.join(users, USER_ID, "left_semi")
+    moved = F.when(F.col(REASON).isNull() & shift.isNotNull(), F.col(EVENT_TS) + shift).otherwise(F.col(EVENT_TS))
+    return parsed.join(known, USER_ID, "left").withColumn(EVENT_TS, moved).select(*parsed.columns)

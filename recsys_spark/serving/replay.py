@@ -149,13 +149,14 @@ def replay(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ReplayReport:
-    if (rate is None) == (speedup is None):
+    paces = [p for p in (rate, speedup) if p is not None]
+    if len(paces) != 1:
         raise InputDataError("give exactly one of --rate and --speedup")
-    pace = rate if rate is not None else speedup
+    pace = paces[0]
     if not (math.isfinite(pace) and pace > 0):
         raise InputDataError("--rate and --speedup must be positive finite numbers")
     events = read_events(Path(input_path), fmt, limit)
-    duration = len(events) / rate if rate is not None else (events[-1][0] - events[0][0]) / speedup
+    duration = len(events) / pace if rate is not None else (events[-1][0] - events[0][0]) / pace
     if duration > MAX_SECONDS:  # a typo such as 1e-3 for 1e3; sleeps that long also overflow
         raise InputDataError(f"at this pace the replay would take {duration / 86_400:.3g} days "
                              f"(more than {MAX_SECONDS // 86_400} allowed): raise --rate or --speedup")

@@ -29,13 +29,15 @@ POPULARITY_FALLBACK = "popularity"
 
 @dataclass(frozen=True)
 class BusinessRules:
+    """The serving settings' rules (``from_settings``; their defaults are the config's)."""
+
     k: int
-    exclude_bought: bool = True
-    category_allow: tuple[int, ...] | None = None
-    category_deny: tuple[int, ...] = ()
-    diversity_lambda: float = 0.0
-    diversity_by: str = "category"
-    candidates: int = 200
+    exclude_bought: bool
+    category_allow: tuple[int, ...] | None
+    category_deny: tuple[int, ...]
+    diversity_lambda: float
+    diversity_by: str
+    candidates: int
 
     @classmethod
     def from_settings(cls, settings: ServingSettings) -> BusinessRules:

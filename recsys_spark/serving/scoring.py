@@ -19,25 +19,39 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from recsys_spark.config import Settings
 from recsys_spark.constants import (
+    BATCH_SOURCE,
     BEHAVIOR,
     CATEGORY_ID,
+    GENERATED_AT,
     GOLD_ITEM_FEATURES,
     GOLD_USER_SEQUENCES,
+    INTRA_LIST_DIVERSITY,
     ITEM_ID,
+    ITEM_IDS,
     ITEM_IDX,
+    LAST_EVENT_TS,
+    MODEL_NAME,
+    MODEL_VERSION,
+    SCORES,
+    SEQUENCE_ITEMS,
     SERVING_ITEM_EMBEDDINGS,
     SERVING_RECOMMENDATIONS,
     SERVING_USER_STATE,
     SILVER_EVENTS,
+    SOURCE,
+    STREAM_BATCH_ID,
     USER_ID,
     USER_IDX,
 )
 from recsys_spark.errors import NoChampionError
-from recsys_spark.evaluation.evaluate import load_registered
-from recsys_spark.logs import get_logger, log_event
+from recsys_spark.logs import get_logger, log_event, log_event_at
+from recsys_spark.modeling.batches import EvalBatch
+from recsys_spark.modeling.loader import pad_left
+from recsys_spark.modeling.package import RecommenderModel, cached_registered_model, load_registered_model
 from recsys_spark.serving.rules import (
     POPULARITY_FALLBACK,
     BusinessRules,
@@ -47,23 +61,16 @@ from recsys_spark.serving.rules import (
     popularity,
     popularity_columns,
 )
+from recsys_spark.serving.schemas import RECOMMENDATION_SCHEMA, STATE_BOUGHT
+from recsys_spark.spark import one_row
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import CHAMPION, alias_version, connect, model_uri, tracking_uri
-from recsys_spark.training.batches import EvalBatch
-from recsys_spark.training.data import pad_left
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = get_logger("serving")
 
-BATCH = "batch"
-NEARLINE = "nearline"
-RECOMMENDATION_SCHEMA = (
-    "user_id long, user_idx int, item_ids array<long>, scores array<float>, model_name string, "
-    "model_version string, generated_at timestamp, last_event_ts timestamp, stream_batch_id long, "
-    "intra_list_diversity double, source string"
-)
 
 
 @dataclass
@@ -71,7 +78,7 @@ class Champion:
     """A registry version of the model, as loaded for serving."""
 
     version: str
-    model: Any  # RecommenderModel
+    model: RecommenderModel
 
     @property
     def name(self) -> str:
@@ -87,9 +94,11 @@ def champion_version(settings: Settings) -> str:
     return str(found.version)
 
 
-def load_champion(settings: Settings, version: str | None = None) -> Champion:
+def load_champion(settings: Settings, version: str | None = None, *, cached: bool = False) -> Champion:
+    """The champion (or ``version``), its files verified; ``cached``: once per process."""
     version = version or champion_version(settings)
-    return Champion(version, load_registered(model_uri(settings, version=version), tracking_uri(settings)))
+    load = cached_registered_model if cached else load_registered_model
+    return Champion(version, load(model_uri(settings, version=version), tracking_uri(settings)))
 
 
 def item_catalogue(lake: Lakehouse, num_items: int, embeddings: np.ndarray | None = None) -> Catalogue:
@@ -155,12 +164,13 @@ class RuleScorer:
         batch = EvalBatch(users=torch.from_numpy(users.astype(np.int64)), inputs=tensor, behaviors=zeros,
                           gaps=zeros, targets=empty, seen=empty)
         scores = model.score_batch(batch)
-        fallback = model.uninformed(batch) & (self.catalogue.popularity is not None)
+        popular = self.catalogue.popularity
+        fallback = model.uninformed(batch) & (popular is not None)
         if fallback.any():
             scores[torch.from_numpy(fallback)] = torch.from_numpy(self._popularity_ranks).to(scores.dtype)
         indices, values = apply_rules(scores, bought, self.catalogue, self.rules)
-        if fallback.any():  # report interactions, not ranks
-            values[fallback] = np.where(indices[fallback] >= 0, self.catalogue.popularity[indices[fallback]], np.nan)
+        if popular is not None and fallback.any():  # report interactions, not ranks
+            values[fallback] = np.where(indices[fallback] >= 0, popular[indices[fallback]], np.nan)
         raw = model.item_ids
         return RankedLists(
             items=[raw[row[row >= 0]].tolist() for row in indices],
@@ -173,8 +183,10 @@ class RuleScorer:
     def _popularity_ranks(self) -> np.ndarray:
         """(I,) I - rank by popularity, ties by raw item id as in the cold-start list: exact in
         float32 (counts plus a tie-breaking fraction would not be), and topk needs no ties."""
-        assert self.catalogue.popularity is not None
-        order = np.lexsort((self.champion.model.item_ids, -self.catalogue.popularity))
+        popular = self.catalogue.popularity
+        if popular is None:
+            raise ValueError("the catalogue has no popularity to rank by")
+        order = np.lexsort((self.champion.model.item_ids, -popular))
         ranks = np.empty(len(order))
         ranks[order] = len(order) - np.arange(len(order))
         return ranks
@@ -182,31 +194,24 @@ class RuleScorer:
 
 # --- batch scoring ------------------------------------------------------------------------------
 
-_CHAMPIONS: dict[tuple[str, str, str], Champion] = {}
-
-
 def _score_partition(
     frames: Iterator[pd.DataFrame], *, settings: Settings, version: str, catalogue: Catalogue,
     rules: BusinessRules, generated_at: datetime,
 ) -> Iterator[pd.DataFrame]:
-    # The model is loaded once per Python worker and reused by every partition and job it
-    # scores (workers outlive jobs); rules and catalogue come with each job.
-    key = (tracking_uri(settings), settings.mlflow.registered_model, version)
-    if key not in _CHAMPIONS:
-        _CHAMPIONS[key] = load_champion(settings, version)
-    scorer = RuleScorer(_CHAMPIONS[key], catalogue, rules)
+    # The model is loaded once per Python worker; rules and catalogue come with each job.
+    scorer = RuleScorer(load_champion(settings, version, cached=True), catalogue, rules)
     for frame in frames:
-        histories = [np.asarray(h, dtype=np.int64) for h in frame["items"]]
+        histories = [np.asarray(h, dtype=np.int64) for h in frame[SEQUENCE_ITEMS]]
         model = scorer.champion.model
         bought = [np.concatenate([np.asarray(b if b is not None else [], dtype=np.int64),
                                   model.item_index(np.asarray(s if s is not None else [], dtype=np.int64))])
                   for b, s in zip(frame["bought"], frame["stream_bought"], strict=True)]
         ranked = scorer.recommend(histories, frame[USER_IDX].to_numpy(), bought)
         yield pd.DataFrame({
-            USER_ID: frame[USER_ID], USER_IDX: frame[USER_IDX], "item_ids": ranked.items, "scores": ranked.scores,
-            "model_name": ranked.model_names(scorer.champion.name), "model_version": version,
-            "generated_at": generated_at, "last_event_ts": frame["last_event_ts"], "stream_batch_id": None,
-            "intra_list_diversity": ranked.diversity, "source": BATCH,
+            USER_ID: frame[USER_ID], USER_IDX: frame[USER_IDX], ITEM_IDS: ranked.items, SCORES: ranked.scores,
+            MODEL_NAME: ranked.model_names(scorer.champion.name), MODEL_VERSION: version,
+            GENERATED_AT: generated_at, LAST_EVENT_TS: frame[LAST_EVENT_TS], STREAM_BATCH_ID: None,
+            INTRA_LIST_DIVERSITY: ranked.diversity, SOURCE: BATCH_SOURCE,
         })
 
 
@@ -219,26 +224,26 @@ def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) ->
     scorer = RuleScorer.build(lake, settings, champion)
     bought = (lake.read(SILVER_EVENTS).filter(F.col(BEHAVIOR) == "buy")
               .groupBy(USER_IDX).agg(F.collect_set(ITEM_IDX).alias("bought")))
-    users = lake.read(GOLD_USER_SEQUENCES).select(USER_IDX, USER_ID, "items", "last_event_ts")
+    users = lake.read(GOLD_USER_SEQUENCES).select(USER_IDX, USER_ID, SEQUENCE_ITEMS, LAST_EVENT_TS)
     if lake.exists(SERVING_USER_STATE):  # raw ids: mapped by the champion in the workers
-        users = users.join(lake.read(SERVING_USER_STATE).select(USER_ID, F.col("bought").alias("stream_bought")),
+        users = users.join(lake.read(SERVING_USER_STATE).select(USER_ID, F.col(STATE_BOUGHT).alias("stream_bought")),
                            USER_ID, "left")
     else:
         users = users.withColumn("stream_bought", F.lit(None).cast("array<long>"))
     job = partial(_score_partition, settings=settings, version=champion.version, catalogue=scorer.catalogue,
                   rules=scorer.rules, generated_at=datetime.now(UTC))
-    rows = users.join(bought, USER_IDX, "left").mapInPandas(job, RECOMMENDATION_SCHEMA)
-    written = lake.write(rows, SERVING_RECOMMENDATIONS, mode="overwrite", partition_by=("source",),
-                         partition_filters=[("source", "=", BATCH)],
-                         commit_info={"model_version": champion.version})
-    batch_rows = lake.read(SERVING_RECOMMENDATIONS, version=written.version).filter(F.col("source") == BATCH)
-    stats = batch_rows.agg(
+    rows = users.join(bought, USER_IDX, "left").mapInPandas(job, from_arrow_schema(RECOMMENDATION_SCHEMA))
+    written = lake.write(rows, SERVING_RECOMMENDATIONS, mode="overwrite", partition_by=(SOURCE,),
+                         partition_filters=[(SOURCE, "=", BATCH_SOURCE)],
+                         commit_info={MODEL_VERSION: champion.version})
+    batch_rows = lake.read(SERVING_RECOMMENDATIONS, version=written.version).filter(F.col(SOURCE) == BATCH_SOURCE)
+    stats = one_row(batch_rows.agg(
         F.count("*").alias("users"),
         F.count_distinct(USER_ID).alias("distinct_users"),
-        F.avg("intra_list_diversity").alias("diversity"),
-        F.avg(F.size("item_ids")).alias("mean_k"),
-    ).first()
-    distinct_items = batch_rows.select(F.explode("item_ids")).distinct().count()
+        F.avg(INTRA_LIST_DIVERSITY).alias("diversity"),
+        F.avg(F.size(ITEM_IDS)).alias("mean_k"),
+    ))
+    distinct_items = batch_rows.select(F.explode(ITEM_IDS)).distinct().count()
     embeddings_version = _write_item_embeddings(spark, lake, champion)
     report = {
         "model_name": champion.name,
@@ -253,7 +258,7 @@ def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) ->
         "seconds": round(time.perf_counter() - started, 1),
     }
     if stats["users"] and not stats["mean_k"]:
-        log_event(log, "score_batch.empty_lists", level=logging.WARNING, users=stats["users"],
+        log_event_at(log, logging.WARNING, "score_batch.empty_lists", users=stats["users"],
                   hint="the business rules leave no item: check serving.category_allow / category_deny")
     log_event(log, "score_batch.done", **report)
     return report
@@ -267,7 +272,7 @@ def _write_item_embeddings(spark: SparkSession, lake: Lakehouse, champion: Champ
         ITEM_ID: pa.array(ids, pa.int64()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
                                                        vectors.shape[1]).cast(pa.list_(pa.float32())),
-        "model_name": pa.array([champion.name] * len(ids)),
-        "model_version": pa.array([champion.version] * len(ids)),
+        MODEL_NAME: pa.array([champion.name] * len(ids)),
+        MODEL_VERSION: pa.array([champion.version] * len(ids)),
     })
     return lake.write(spark.createDataFrame(table), SERVING_ITEM_EMBEDDINGS, mode="overwrite").version

@@ -30,6 +30,7 @@ import logging
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,29 +39,42 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
 from recsys_spark.constants import (
     BEHAVIOR,
     BEHAVIORS,
+    BOUGHT_ITEMS,
     BRONZE_EVENTS_RAW,
     EVENT_TS,
+    GENERATED_AT,
     GOLD_ITEM_FEATURES,
     GOLD_USER_SEQUENCES,
+    INTRA_LIST_DIVERSITY,
     ITEM_ID,
+    ITEM_IDS,
     ITEM_IDX,
+    LAST_EVENT_TS,
+    LAST_STEP_TS,
+    MODEL_NAME,
+    MODEL_VERSION,
+    NEARLINE_SOURCE,
     OPS_STREAM_METRICS,
     QUARANTINE_EVENTS,
     RAW,
     REASON,
+    SCORES,
+    SEQUENCE_BEHAVIORS,
+    SEQUENCE_GAPS,
+    SEQUENCE_ITEMS,
     SERVING_RECOMMENDATIONS,
     SERVING_USER_STATE,
     SILVER_ITEM_INDEX,
     SILVER_USER_INDEX,
+    SOURCE,
     SOURCE_FILE,
+    STREAM_BATCH_ID,
     USER_ID,
     USER_IDX,
 )
@@ -68,45 +82,27 @@ from recsys_spark.errors import ConfigError, ModelIntegrityError, StreamFailedEr
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
-from recsys_spark.logs import get_logger, log_event
-from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
+from recsys_spark.logs import get_logger, log_event, log_event_at
+from recsys_spark.serving.schemas import (
+    RECOMMENDATION_SCHEMA,
+    STATE_BEHAVIORS,
+    STATE_BOUGHT,
+    STATE_EVENT_TS,
+    STREAM_METRICS_SCHEMA,
+    UPDATED_AT,
+    USER_STATE_SCHEMA,
+)
+from recsys_spark.serving.scoring import RuleScorer, champion_version, load_champion
 from recsys_spark.spark import literal_path
-from recsys_spark.storage import Idempotency, Lakehouse
-from recsys_spark.storage.delta_rs import arrow_dataset
+from recsys_spark.storage import Idempotency, Lakehouse, read_table, table_version
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Iterator
 
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.streaming import StreamingQuery
 
 log = get_logger("stream")
-
-TS = pa.timestamp("us", tz="UTC")
-STATE_SCHEMA = pa.schema([
-    pa.field(USER_ID, pa.int64()),
-    pa.field("item_ids", pa.list_(pa.int64())),
-    pa.field("behaviors", pa.list_(pa.string())),
-    pa.field("event_ts", pa.list_(TS)),
-    pa.field("bought", pa.list_(pa.int64())),
-    pa.field("last_event_ts", TS),
-    pa.field("stream_batch_id", pa.int64()),
-    pa.field("updated_at", TS),
-])
-METRICS_SCHEMA = pa.schema([
-    pa.field("batch_id", pa.int64()),
-    pa.field("committed_at", TS),
-    pa.field("rows_in", pa.int64()),
-    pa.field("rows_clean", pa.int64()),
-    pa.field("rows_quarantined", pa.int64()),
-    pa.field("users_updated", pa.int64()),
-    pa.field("latency_p50_s", pa.float64()),
-    pa.field("latency_p95_s", pa.float64()),
-    pa.field("latency_max_s", pa.float64()),
-    pa.field("processing_s", pa.float64()),
-    pa.field("model_version", pa.string()),
-])
-
 
 def landing_dir(settings: Settings) -> str:
     return settings.serving.stream.landing or f"{settings.root}/_landing"
@@ -138,38 +134,29 @@ def merge_history(history: UserHistory, events: list[tuple[int, str, datetime]],
 class _Dictionary:
     """Raw ids <-> dense indices of a silver index table, reloaded when it grows."""
 
-    def __init__(self, path: str, idx: str, raw: str) -> None:
-        self.path, self.idx, self.raw = path, idx, raw
-        self.version = -2
+    def __init__(self, root: str, table: str, idx: str, raw: str) -> None:
+        self.root, self.table, self.idx, self.raw = root, table, idx, raw
+        self.version: int | None = None
         self.raw_by_index = np.zeros(0, dtype=np.int64)
         self.index_by_raw: dict[int, int] = {}
 
     def refresh(self) -> None:
-        try:
-            table = DeltaTable(self.path)
-        except Exception:  # no dictionary yet
+        version = table_version(self.root, self.table)
+        if version is None or version == self.version:  # no dictionary yet, or no change
             return
-        if table.version() == self.version:
-            return
-        data = arrow_dataset(table).to_table(columns=[self.idx, self.raw])
+        data = read_table(self.root, self.table, version=version, columns=[self.idx, self.raw])
         index, raw = data.column(self.idx).to_numpy(), data.column(self.raw).to_numpy()
         self.raw_by_index = np.full(int(index.max(initial=-1)) + 1, -1, dtype=np.int64)
         self.raw_by_index[index] = raw
         self.index_by_raw = dict(zip(raw.tolist(), index.tolist(), strict=True))
-        self.version = table.version()
+        self.version = version
 
 
-def _open_table(path: str) -> DeltaTable | None:
-    try:
-        return DeltaTable(path)
-    except TableNotFoundError:
+def _user_rows(root: str, table: str, version: int | None, users: list[int]) -> pa.Table | None:
+    """The rows of ``users`` in the table as of ``version`` (None: no table yet)."""
+    if version is None or not users:
         return None
-
-
-def _read_rows(table: DeltaTable | None, users: list[int]) -> pa.Table | None:
-    if table is None or not users:
-        return None
-    return arrow_dataset(table).to_table(filter=pc.field(USER_ID).isin(users))
+    return read_table(root, table, version=version, filter=pc.field(USER_ID).isin(users))
 
 
 def _stamped(rows: pa.Table, run_id: str, at: datetime) -> pa.Table:
@@ -205,9 +192,9 @@ class NearlineSink:
         self.scorer: RuleScorer | None = None
         self._refused: set[str] = set()  # champion versions whose files failed verification
         self._features_version = -1
-        self.items = _Dictionary(lake.path(SILVER_ITEM_INDEX), ITEM_IDX, ITEM_ID)
-        self.users = _Dictionary(lake.path(SILVER_USER_INDEX), USER_IDX, USER_ID)
-        self._gold_version = -1
+        self.items = _Dictionary(lake.root, SILVER_ITEM_INDEX, ITEM_IDX, ITEM_ID)
+        self.users = _Dictionary(lake.root, SILVER_USER_INDEX, USER_IDX, USER_ID)
+        self._gold_version: int | None = None
         self._gold_merged: set[int] = set()  # users whose gold row is in their state, at _gold_version
 
     def warm_up(self) -> None:
@@ -233,7 +220,7 @@ class NearlineSink:
                     raise
                 # A tampered new champion: keep serving the verified one, say so once.
                 self._refused.add(version)
-                log_event(log, "stream.model_refused", level=logging.ERROR, version=version,
+                log_event_at(log, logging.ERROR, "stream.model_refused", version=version,
                           serving=previous, error=str(exc))
                 return self.scorer
             self.scorer = RuleScorer.build(self.lake, self.settings, champion)
@@ -288,7 +275,7 @@ class NearlineSink:
             "latency_max_s": float(latencies[-1]) if len(latencies) else None,
             "processing_s": time.perf_counter() - started, "model_version": scorer.champion.version,
         }
-        table = pa.Table.from_pylist([metrics], schema=METRICS_SCHEMA)
+        table = pa.Table.from_pylist([metrics], schema=STREAM_METRICS_SCHEMA)
         self.lake.write(table, OPS_STREAM_METRICS, idempotency=self._once(batch_id))
         laps("metrics")
         log_event(log, "stream.batch", **{k: (round(v, 3) if isinstance(v, float) else v)
@@ -323,11 +310,11 @@ class NearlineSink:
         laps("read_state")
         merged = [merge_history(histories[u], events[u], self.max_length) for u in touched]
         state = pa.Table.from_pylist([
-            {USER_ID: u, "item_ids": h.item_ids, "behaviors": h.behaviors, "event_ts": h.event_ts,
-             "bought": sorted(h.bought), "last_event_ts": h.event_ts[-1], "stream_batch_id": batch_id,
-             "updated_at": now}
+            {USER_ID: u, ITEM_IDS: h.item_ids, STATE_BEHAVIORS: h.behaviors, STATE_EVENT_TS: h.event_ts,
+             STATE_BOUGHT: sorted(h.bought), LAST_EVENT_TS: h.event_ts[-1], STREAM_BATCH_ID: batch_id,
+             UPDATED_AT: now}
             for u, h in zip(touched, merged, strict=True)
-        ], schema=STATE_SCHEMA)
+        ], schema=USER_STATE_SCHEMA)
         self.lake.upsert(state, SERVING_USER_STATE, keys=[USER_ID],
                          idempotency=self._once(batch_id))
         laps("merge_state")
@@ -343,16 +330,16 @@ class NearlineSink:
         laps("score")
         generated = datetime.now(UTC)
         rows = pa.Table.from_pylist([
-            {USER_ID: u, USER_IDX: int(i) if i >= 0 else None, "item_ids": it, "scores": sc,
-             "model_name": name, "model_version": scorer.champion.version,
-             "generated_at": generated, "last_event_ts": h.event_ts[-1], "stream_batch_id": batch_id,
-             "intra_list_diversity": float(d), "source": NEARLINE}
+            {USER_ID: u, USER_IDX: int(i) if i >= 0 else None, ITEM_IDS: it, SCORES: sc,
+             MODEL_NAME: name, MODEL_VERSION: scorer.champion.version,
+             GENERATED_AT: generated, LAST_EVENT_TS: h.event_ts[-1], STREAM_BATCH_ID: batch_id,
+             INTRA_LIST_DIVERSITY: float(d), SOURCE: NEARLINE_SOURCE}
             for u, i, it, sc, name, d, h in zip(touched, user_idx, ranked.items, ranked.scores,
                                                 ranked.model_names(scorer.champion.name), ranked.diversity,
                                                 merged, strict=True)
-        ], schema=recommendation_schema())
-        self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, "source"],
-                         partition_by=("source",),
+        ], schema=RECOMMENDATION_SCHEMA)
+        self.lake.upsert(rows, SERVING_RECOMMENDATIONS, keys=[USER_ID, SOURCE],
+                         partition_by=(SOURCE,),
                          # Newer by wall clock, not by batch id: a new checkpoint restarts ids at 0.
                          update_condition="s.generated_at >= t.generated_at OR t.generated_at IS NULL",
                          idempotency=self._once(batch_id))
@@ -364,13 +351,14 @@ class NearlineSink:
         Purchases that reached gold after the user's state began (a batch ingest) join its
         bought set, so nearline never offers them again."""
         found: dict[int, UserHistory] = {}
-        state = _read_rows(_open_table(self.lake.path(SERVING_USER_STATE)), users)
+        root = self.lake.root
+        state = _user_rows(root, SERVING_USER_STATE, table_version(root, SERVING_USER_STATE), users)
         if state is not None:
             for row in state.to_pylist():
-                found[row[USER_ID]] = UserHistory(row["item_ids"], row["behaviors"], row["event_ts"],
-                                                  set(row["bought"]))
-        gold = _open_table(self.lake.path(GOLD_USER_SEQUENCES))
-        sequences = _read_rows(gold, self._gold_to_merge(gold, users, in_state=found.keys()))
+                found[row[USER_ID]] = UserHistory(row[ITEM_IDS], row[STATE_BEHAVIORS], row[STATE_EVENT_TS],
+                                                  set(row[STATE_BOUGHT]))
+        gold = table_version(root, GOLD_USER_SEQUENCES)
+        sequences = _user_rows(root, GOLD_USER_SEQUENCES, gold, self._gold_to_merge(gold, users, in_state=found.keys()))
         if sequences is not None and sequences.num_rows:
             self.items.refresh()
             for row in sequences.to_pylist():
@@ -383,14 +371,14 @@ class NearlineSink:
             found.setdefault(user, UserHistory([], [], [], set()))
         return found
 
-    def _gold_to_merge(self, gold: DeltaTable | None, users: list[int], in_state: Collection[int]) -> list[int]:
+    def _gold_to_merge(self, gold: int | None, users: list[int], in_state: Collection[int]) -> list[int]:
         """The users whose gold row this micro-batch reads: those new to the stream (they start
         from it) and, once per gold version, those with state (gold's purchases join their bought
         set; only a features run makes a new version) — not every touched user every batch."""
         if gold is None:
             return []
-        if gold.version() != self._gold_version:
-            self._gold_version, self._gold_merged = gold.version(), set()
+        if gold != self._gold_version:
+            self._gold_version, self._gold_merged = gold, set()
         wanted = [u for u in users if u not in in_state or u not in self._gold_merged]
         # Marked before the state commit: a failing micro-batch stops the query, and a new
         # query starts from a new sink (and re-reads; merging gold twice changes nothing).
@@ -398,26 +386,16 @@ class NearlineSink:
         return wanted
 
     def _from_sequence(self, row: dict[str, Any]) -> UserHistory:
-        items = self.items.raw_by_index[np.asarray(row["items"], dtype=np.int64)].tolist()
-        behaviors = [BEHAVIORS[code - 1] for code in row["behaviors"]]
+        items = self.items.raw_by_index[np.asarray(row[SEQUENCE_ITEMS], dtype=np.int64)].tolist()
+        behaviors = [BEHAVIORS[code - 1] for code in row[SEQUENCE_BEHAVIORS]]
         # gaps[j] = ts[j] - ts[j-1]: walk back from the last event's time
-        after = np.concatenate([np.cumsum(np.asarray(row["gaps"][:0:-1], dtype=np.int64))[::-1], [0]])
-        last = row.get("last_step_ts") or row["last_event_ts"]  # tables built before it: the same
+        after = np.concatenate([np.cumsum(np.asarray(row[SEQUENCE_GAPS][:0:-1], dtype=np.int64))[::-1], [0]])
+        last = row[LAST_STEP_TS]
         times = [datetime.fromtimestamp(last.timestamp() - float(s), UTC) for s in after]
         bought = {item for item, behavior in zip(items, behaviors, strict=True) if behavior == "buy"}
-        if row.get("bought_items") is not None:  # every purchase, not only the window's
-            bought |= set(self.items.raw_by_index[np.asarray(row["bought_items"], dtype=np.int64)].tolist())
+        if row[BOUGHT_ITEMS] is not None:  # every purchase, not only the window's
+            bought |= set(self.items.raw_by_index[np.asarray(row[BOUGHT_ITEMS], dtype=np.int64)].tolist())
         return UserHistory(items, behaviors, times, bought)
-
-
-def recommendation_schema() -> pa.Schema:
-    return pa.schema([
-        pa.field(USER_ID, pa.int64()), pa.field(USER_IDX, pa.int32()),
-        pa.field("item_ids", pa.list_(pa.int64())), pa.field("scores", pa.list_(pa.float32())),
-        pa.field("model_name", pa.string()), pa.field("model_version", pa.string()),
-        pa.field("generated_at", TS), pa.field("last_event_ts", TS), pa.field("stream_batch_id", pa.int64()),
-        pa.field("intra_list_diversity", pa.float64()), pa.field("source", pa.string()),
-    ])
 
 
 def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
@@ -457,19 +435,45 @@ def run_stream(
     """Run the query until stopped (Ctrl-C / SIGTERM), ``until_idle`` seconds without new data,
     or ``timeout`` seconds; finishes the data already landed before stopping."""
     query = start_stream(spark, lake, settings)
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    started = last_data = time.monotonic()
-    batches = rows = 0
     log_event(log, "stream.start", landing=landing_dir(settings), checkpoint=checkpoint_dir(settings))
+    stop = threading.Event()
+    with _stop_on_sigterm(stop):
+        started = time.monotonic()
+        batches = _watch(query, stop, started, until_idle=until_idle, timeout=timeout)
+        log_event(log, "stream.stop", batches=batches, seconds=round(time.monotonic() - started, 1))
+    if query.exception() is not None:
+        raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
+    return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
+            "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}
+
+
+@contextmanager
+def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM sets ``stop`` during the block (the query then finishes what has landed); the
+    previous handler is back afterwards. Signals reach the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _watch(query: StreamingQuery, stop: threading.Event, started: float, *, until_idle: float | None,
+           timeout: float | None) -> int:
+    """Wait until ``stop``, Ctrl-C, ``until_idle`` seconds without new data or ``timeout``;
+    then finish the data already landed and stop the query. Returns the micro-batches run."""
+    batches = 0
+    last_data = started
     try:
         while not stop.is_set():
-            if query.awaitTermination(0.5):
+            if query.awaitTermination(0.5):  # type: ignore[arg-type]  # seconds; pyspark takes floats
                 break
             progress = query.lastProgress
             if progress and progress.get("numInputRows", 0) > 0 and progress["batchId"] >= batches:
-                batches, rows, last_data = progress["batchId"] + 1, rows + progress["numInputRows"], time.monotonic()
+                batches, last_data = progress["batchId"] + 1, time.monotonic()
             now = time.monotonic()
             if until_idle is not None and now - last_data >= until_idle and not query.status["isDataAvailable"]:
                 break
@@ -481,7 +485,4 @@ def run_stream(
         if query.isActive:
             query.processAllAvailable()  # commit what has landed before stopping
             query.stop()
-    if query.exception() is not None:
-        raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
-    return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
-            "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}
+    return batches

@@ -14,7 +14,7 @@ import fcntl
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +30,8 @@ from recsys_spark.errors import (
     TableUnreadableError,
 )
 from recsys_spark.logs import get_logger, log_event
-from recsys_spark.spark import delta_spark_loaded, literal_path
-from recsys_spark.storage.arrow_reads import read_table, table_dataset
+from recsys_spark.spark import delta_spark_loaded, hadoop_conf, jvm, literal_path
+from recsys_spark.storage.arrow_reads import read_table, table_dataset, table_files, table_path, table_version
 from recsys_spark.storage.base import (
     TABLE_NAME,
     CommitResult,
@@ -57,9 +57,15 @@ __all__ = [
     "read_table",
     "resolve_engine",
     "table_dataset",
+    "table_files",
+    "table_path",
+    "table_version",
 ]
 
 log = get_logger("storage")
+
+# Writes hold it shared, vacuum exclusively (see ``Lakehouse.vacuum``).
+_WRITES_LOCK = "writes"
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class Lakehouse:
 
     def path(self, table: str) -> str:
         """``<root>/<layer>/<table>`` for a name like ``"silver/events"``."""
-        return f"{self.root}/{check_table_name(table)}"
+        return table_path(self.root, table)
 
     def exists(self, table: str) -> bool:
         return self.engine.exists(self.path(table))
@@ -142,20 +148,21 @@ class Lakehouse:
                     f"got {op!r} {value!r}"
                 )
         path = self.path(table)
-        if isinstance(df, pa.Table):
-            if mode == "append" and self.engine.exists(path):
-                return self.engine.append_arrow(df, path, partition_by=partition_by,
-                                                idempotency=idempotency, commit_info=commit_info or {})
-            df = self.engine.spark.createDataFrame(df)
-        return self.engine.write(
-            df,
-            path,
-            mode=mode,
-            partition_by=partition_by,
-            partition_filters=partition_filters,
-            idempotency=idempotency,
-            commit_info=commit_info or {},
-        )
+        with self._writing():
+            if isinstance(df, pa.Table):
+                if mode == "append" and self.engine.exists(path):
+                    return self.engine.append_arrow(df, path, partition_by=partition_by,
+                                                    idempotency=idempotency, commit_info=commit_info or {})
+                df = self.engine.spark.createDataFrame(df)
+            return self.engine.write(
+                df,
+                path,
+                mode=mode,
+                partition_by=partition_by,
+                partition_filters=partition_filters,
+                idempotency=idempotency,
+                commit_info=commit_info or {},
+            )
 
     def upsert(
         self,
@@ -175,30 +182,32 @@ class Lakehouse:
         round trip through Spark.
         """
         path = self.path(table)
-        if not self.engine.exists(path):
-            if isinstance(df, pa.Table):
-                df = self.engine.spark.createDataFrame(df)
-            return self.engine.write(
+        with self._writing():
+            if not self.engine.exists(path):
+                if isinstance(df, pa.Table):
+                    df = self.engine.spark.createDataFrame(df)
+                return self.engine.write(
+                    df,
+                    path,
+                    mode="append",
+                    partition_by=partition_by,
+                    partition_filters=None,
+                    idempotency=idempotency,
+                    commit_info=commit_info or {},
+                )
+            return self.engine.upsert(
                 df,
                 path,
-                mode="append",
-                partition_by=partition_by,
-                partition_filters=None,
+                keys=keys,
+                update_condition=update_condition,
                 idempotency=idempotency,
                 commit_info=commit_info or {},
             )
-        return self.engine.upsert(
-            df,
-            path,
-            keys=keys,
-            update_condition=update_condition,
-            idempotency=idempotency,
-            commit_info=commit_info or {},
-        )
 
     def delete(self, table: str, predicate: str) -> CommitResult:
         """Delete the rows matching a SQL ``predicate`` (one commit)."""
-        return self.engine.delete(self._existing(table), predicate)
+        with self._writing():
+            return self.engine.delete(self._existing(table), predicate)
 
     def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
         """Commits, newest first."""
@@ -217,13 +226,20 @@ class Lakehouse:
 
     def optimize(self, table: str) -> dict[str, Any]:
         """Compact small files into larger ones (a data-preserving commit)."""
-        metrics = self.engine.optimize(self._existing(table))
+        with self._writing():
+            metrics = self.engine.optimize(self._existing(table))
         log_event(log, "table.optimized", table=table)
         return metrics
 
     def vacuum(self, table: str, retention_hours: float) -> list[str]:
-        """Delete files unreferenced for ``retention_hours``, including crashed writes' orphans."""
-        removed = self.engine.vacuum(self._existing(table), retention_hours)
+        """Delete files unreferenced for ``retention_hours``, including crashed writes' orphans.
+
+        Waits until no write on this root is in progress, and holds new ones back meanwhile: a
+        write's files sit in the table folder (delta-spark) or its staging folder (delta-rs)
+        before its commit references them, and a short retention would delete them.
+        """
+        with self.lock(_WRITES_LOCK):
+            removed = self.engine.vacuum(self._existing(table), retention_hours)
         log_event(log, "table.vacuumed", table=table, files_removed=len(removed))
         return removed
 
@@ -248,8 +264,9 @@ class Lakehouse:
         return found
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Hold the lakehouse-wide lock ``name`` (e.g. ``"ingest"``), waiting for it if needed.
+    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the lakehouse-wide lock ``name`` (e.g. ``"ingest"``), waiting for it if needed;
+        ``shared``: beside other shared holders, excluding only an exclusive one.
 
         Stages that hand out ids (ingest's dictionaries) must not run twice at once on one
         root. Local roots use a file lock; on remote roots the orchestrator serialises them
@@ -260,16 +277,21 @@ class Lakehouse:
             return
         lock_dir = Path(self.root) / "_work" / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        with (lock_dir / f"{name}.lock").open("w") as handle:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        with (lock_dir / f"{name}.lock").open("a") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                log_event(log, "lock.wait", lock=name, root=self.root)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                log_event(log, "lock.wait", lock=name, root=self.root, shared=shared)
+                fcntl.flock(handle, mode)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _writing(self) -> AbstractContextManager[None]:
+        """Held (shared) by every write while its files are not yet committed; see ``vacuum``."""
+        return self.lock(_WRITES_LOCK, shared=True)
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Scratch]:
@@ -315,9 +337,8 @@ def _delete_tree(spark: SparkSession, path: str) -> None:
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
         return
-    jvm = spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem API through py4j
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)  # noqa: SLF001
+    hadoop_path = jvm(spark).org.apache.hadoop.fs.Path(path)
+    hadoop_path.getFileSystem(hadoop_conf(spark)).delete(hadoop_path, True)
 
 
 def resolve_engine(spark: SparkSession, requested: str) -> TableEngine:

@@ -15,6 +15,7 @@ with deletion vectors disabled).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -158,11 +159,9 @@ class DeltaRsEngine(TableEngine):
         published: list[Path] = []
         try:
             df.write.mode("errorifexists").partitionBy(*partition_by).parquet(str(staging))
-            actions = [
-                _publish(Path(path), staging, staged, published)
-                for staged in sorted(staging.rglob("*.parquet"))
-            ]
-            actions = [a for a in actions if a is not None]
+            published_actions = (_publish(Path(path), staging, staged, published)
+                                 for staged in sorted(staging.rglob("*.parquet")))
+            actions = [a for a in published_actions if a is not None]
             if partition_filters:
                 _check_within_filters(actions, partition_filters)
             properties = _commit_properties(idempotency, commit_info)
@@ -179,7 +178,7 @@ class DeltaRsEngine(TableEngine):
             elif actions or mode == "overwrite" or idempotency is not None:
                 def commit(table: DeltaTable) -> None:
                     table.create_write_transaction(
-                        actions,
+                        list(actions),
                         mode=mode,
                         # Appends keep the table's schema; a full overwrite may replace it.
                         schema=table.schema() if mode == "append" or partition_filters else schema,
@@ -640,7 +639,7 @@ def _check_within_filters(actions: list[AddAction], filters: Sequence[PartitionF
 def _delta_rs_filters(filters: Sequence[PartitionFilter] | None) -> list[tuple[str, str, Any]] | None:
     if not filters:
         return None
-    rendered = []
+    rendered: list[tuple[str, str, Any]] = []
     for column, op, value in filters:
         texts = _partition_texts(op, value)
         rendered.append((column, op, texts if op == "in" else texts[0]))
@@ -659,10 +658,8 @@ def _remove_files(paths: list[Path]) -> None:
 
 
 def _remove_empty_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not empty: another write is staging concurrently
         path.rmdir()
-    except OSError:
-        pass  # not empty: another write is staging concurrently
 
 
 def _remove_stale_staging(table_root: Path, retention_hours: float) -> list[str]:

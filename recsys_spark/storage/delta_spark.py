@@ -260,7 +260,7 @@ def _retrying_conflicts(path: str, operation: Callable[[], object]) -> None:
 
 def _visible_files(path: str) -> set[str]:
     """The table folder's files outside Delta's log and hidden folders (local tables)."""
-    found = set()
+    found: set[str] = set()
     for folder, dirs, files in os.walk(path):
         dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
         found.update(os.path.join(folder, f) for f in files if not f.startswith(("_", ".")))

@@ -42,7 +42,7 @@ def _bind_address(host: str) -> str:
     return str(found[0][4][0])
 
 
-class BoundTCPStore(_TORCH_STORE):  # type: ignore[misc, valid-type]
+class BoundTCPStore(_TORCH_STORE):
     """A ``TCPStore`` whose server listens on ``host_name``'s address only."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -65,15 +65,15 @@ class BoundTCPStore(_TORCH_STORE):  # type: ignore[misc, valid-type]
 
 def install() -> None:
     """Put ``BoundTCPStore`` wherever torch.distributed refers to ``TCPStore``."""
-    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401
-    import torch.distributed.elastic.rendezvous.dynamic_rendezvous  # noqa: F401
-    import torch.distributed.elastic.rendezvous.static_tcp_rendezvous  # noqa: F401
-    import torch.distributed.elastic.utils.distributed  # noqa: F401
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend
+    import torch.distributed.elastic.rendezvous.dynamic_rendezvous
+    import torch.distributed.elastic.rendezvous.static_tcp_rendezvous
+    import torch.distributed.elastic.utils.distributed
     import torch.distributed.rendezvous  # noqa: F401
 
     for name, module in list(sys.modules.items()):
         if name.startswith("torch.distributed") and getattr(module, "TCPStore", None) is _TORCH_STORE:
-            module.TCPStore = BoundTCPStore
+            module.TCPStore = BoundTCPStore  # type: ignore[attr-defined]
 
 
 def _end_when_parent_dies() -> None:

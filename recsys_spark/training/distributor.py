@@ -21,7 +21,11 @@ from typing import Any
 
 import pyspark.ml.torch.distributor as spark_distributor
 from pyspark.ml.torch.distributor import TorchDistributor
-from pyspark.ml.torch.log_communication import _SERVER_POLL_INTERVAL, LogStreamingServer, WriteLogToStdout
+from pyspark.ml.torch.log_communication import (  # type: ignore[attr-defined]
+    _SERVER_POLL_INTERVAL,
+    LogStreamingServer,
+    WriteLogToStdout,
+)
 
 from recsys_spark.training.bound_torchrun import GLOO_FLAG
 
@@ -66,6 +70,8 @@ class BoundTorchDistributor(TorchDistributor):
 class _BoundLogStreamingServer(LogStreamingServer):
     """pyspark's log server for cluster ranks, on the driver's Spark address only."""
 
+    server: socketserver.ThreadingTCPServer | None
+
     def start(self, spark_host_address: str = "") -> None:
         if self.server:
             raise RuntimeError("the log server is already running")
@@ -74,7 +80,7 @@ class _BoundLogStreamingServer(LogStreamingServer):
         def serve(port: int) -> None:
             with socketserver.ThreadingTCPServer((spark_host_address, port), WriteLogToStdout) as server:
                 self.server = server
-                server.is_active = True
+                server.is_active = True  # type: ignore[attr-defined]  # read by pyspark's handler
                 server.serve_forever(poll_interval=_SERVER_POLL_INTERVAL)
 
         self.serve_thread = threading.Thread(target=serve, args=(self.port,), daemon=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 import time
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,12 +26,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from recsys_spark.constants import HISTORY_ITEMS, TEST, TRAIN, VALIDATION, metric_key
 from recsys_spark.evaluation.evaluate import evaluate_scorer
-from recsys_spark.evaluation.metrics import metric_key
 from recsys_spark.logs import configure_logging, get_logger, log_event
-from recsys_spark.training.batches import TRAIN_COLUMNS, sequence_batch
-from recsys_spark.training.data import DeltaBatches, TableSlice, collate_with, prefetch
-from recsys_spark.training.tasks import LossModule, LossOptions, ModelSpec, Task, get_task
+from recsys_spark.modeling.batches import TRAIN_COLUMNS, SequenceBatch, sequence_batch
+from recsys_spark.modeling.loader import DeltaBatches, TableSlice, collate_with, prefetch
+from recsys_spark.modeling.tasks import LossKind, LossModule, LossOptions, ModelSpec, Task, get_task
+
+if TYPE_CHECKING:
+    from recsys_spark.config import Settings
+    from recsys_spark.modeling.gold import TrainingData
 
 log = get_logger("train")
 
@@ -40,35 +45,68 @@ BEST = "best.pt"
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One training run, as shipped to every rank."""
+    """One training run, as shipped to every rank: built from the settings (``from_settings``),
+    so every value has one default, the config's."""
 
     spec: ModelSpec
     train: TableSlice
     validation: TableSlice
     test: TableSlice
     checkpoint_dir: str
-    epochs: int = 200
-    patience: int = 10
-    max_minutes: float | None = None
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0
-    lr_decay_patience: int = 3
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    loss: str = "full_softmax"
-    num_negatives: int = 256
-    seed: int = 42
-    buffer_rows: int = 8192
-    prefetch_batches: int = 4
-    ks: tuple[int, ...] = (5, 10, 20)
-    stop_metric: str = "ndcg@10"
-    eval_batch_size: int = 256
-    mask_seen: bool = True
-    resume: bool = False
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    log_level: str = "INFO"
+    epochs: int
+    patience: int
+    max_minutes: float | None
+    batch_size: int
+    learning_rate: float
+    lr_decay: float
+    lr_decay_patience: int
+    weight_decay: float
+    grad_clip: float
+    loss: LossKind
+    num_negatives: int
+    seed: int
+    buffer_rows: int
+    prefetch_batches: int
+    ks: tuple[int, ...]
+    stop_metric: str
+    eval_batch_size: int
+    mask_seen: bool
+    resume: bool
+    tracking_uri: str | None
+    run_id: str | None
+    log_level: str
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, spec: ModelSpec, data: TrainingData, *, checkpoint_dir: str, resume: bool = False,
+        tracking_uri: str | None = None, run_id: str | None = None,
+    ) -> TrainJob:
+        t = settings.training
+        return cls(
+            spec=spec, train=data.slice(TRAIN), validation=data.slice(VALIDATION), test=data.slice(TEST),
+            checkpoint_dir=checkpoint_dir, epochs=t.epochs, patience=t.patience, max_minutes=t.max_minutes,
+            batch_size=t.batch_size, learning_rate=t.learning_rate, lr_decay=t.lr_decay,
+            lr_decay_patience=t.lr_decay_patience, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+            loss=t.loss, num_negatives=t.num_negatives, seed=t.seed, buffer_rows=t.buffer_rows,
+            prefetch_batches=t.prefetch_batches, ks=tuple(settings.evaluation.ks),
+            stop_metric=settings.stop_metric, eval_batch_size=settings.evaluation.batch_size,
+            mask_seen=data.mask_seen, resume=resume, tracking_uri=tracking_uri, run_id=run_id,
+            log_level=settings.logging.level,
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train_worker`` returns, identical on every rank (metrics are all-reduced)."""
+
+    test: dict[str, float]
+    validation: dict[str, float]  # of the best epoch
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    best_state_path: str
+    world_size: int
 
 
 @dataclass
@@ -174,10 +212,18 @@ def _log_epoch(job: TrainJob, record: dict[str, float], epoch: int) -> None:
     MlflowClient(job.tracking_uri).log_batch(job.run_id, metrics=metrics)
 
 
-def train_worker(job: TrainJob) -> dict[str, Any]:
-    """Train, early-stop on validation ``job.stop_metric``, evaluate the best model on test."""
-    configure_logging(job.log_level)
-    rank = _start()
+@dataclass
+class _Trainer:
+    """A rank's model with its loss (DDP-wrapped on several ranks), optimizer and schedule."""
+
+    task: Task
+    model: nn.Module
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: ReduceLROnPlateau | None
+
+
+def _build_trainer(job: TrainJob, rank: _Rank) -> _Trainer:
     torch.manual_seed(job.seed)  # same initial weights on every rank
     task = get_task(job.spec.name)
     model = task.build(job.spec).to(rank.device)
@@ -185,90 +231,119 @@ def train_worker(job: TrainJob) -> dict[str, Any]:
                             np.full(job.spec.num_items, -math.log(job.spec.num_items)), dtype=torch.float32)
     generator = torch.Generator().manual_seed(job.seed + rank.rank)
     loss_module = LossModule(task, model, log_q, LossOptions(job.loss, job.num_negatives, generator)).to(rank.device)
-    trainer: nn.Module = DistributedDataParallel(loss_module) if rank.world > 1 else loss_module
+    loss: nn.Module = DistributedDataParallel(loss_module) if rank.world > 1 else loss_module
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay,
                                   betas=(0.9, 0.98))
-    folder = Path(job.checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     # Every rank sees the same all-reduced validation metric, so their rates stay equal.
     schedule = ReduceLROnPlateau(
         optimizer, mode="max", factor=job.lr_decay, patience=job.lr_decay_patience - 1, threshold=0.0
     ) if job.lr_decay < 1 else None
-    state = _load(folder / LAST, model, optimizer, schedule) if job.resume and (folder / LAST).exists() else _State()
+    return _Trainer(task, model, loss, optimizer, schedule)
+
+
+def _train_epoch(trainer: _Trainer, batches: Iterable[SequenceBatch], job: TrainJob, rank: _Rank) -> float:
+    """One pass over this rank's shard; the mean training loss over every rank's steps."""
+    trainer.loss.train()
+    loss_sum = np.zeros(2)
+    join = trainer.loss.join() if isinstance(trainer.loss, DistributedDataParallel) else nullcontext()
+    with join:
+        for batch in batches:
+            rank.stop_if_orphaned()
+            loss = trainer.loss(batch)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(trainer.model.parameters(), job.grad_clip)
+            trainer.optimizer.step()
+            loss_sum += (float(loss.detach()), 1.0)
+    loss_sum = _all_sum(loss_sum, rank)
+    return float(loss_sum[0] / max(loss_sum[1], 1.0))
+
+
+def _end_epoch(trainer: _Trainer, state: _State, record: dict[str, float], metrics: dict[str, float],
+               job: TrainJob, rank: _Rank) -> None:
+    """Early-stopping and learning-rate bookkeeping; the leader checkpoints and logs the epoch."""
+    state.history.append(record)
+    improved = metrics[job.stop_metric] > state.best
+    if improved:
+        state.best, state.best_epoch, state.waited = float(metrics[job.stop_metric]), state.epoch, 0
+    else:
+        state.waited += 1
+    if trainer.schedule is not None:
+        trainer.schedule.step(metrics[job.stop_metric])
+        record["learning_rate"] = float(trainer.optimizer.param_groups[0]["lr"])
+    state.epoch += 1
+    rank.stop_if_orphaned()
+    if rank.leader:
+        folder = Path(job.checkpoint_dir)
+        if improved:
+            torch.save(trainer.model.state_dict(), folder / BEST)
+        _save(folder / LAST, trainer.model, trainer.optimizer, trainer.schedule, state)
+        _log_epoch(job, record, state.epoch - 1)
+        log_event(log, "train.epoch", epoch=state.epoch - 1, loss=round(record["train_loss"], 4),
+                  **{f"val_{job.stop_metric}": round(metrics[job.stop_metric], 5)},
+                  best=round(state.best, 5), seconds=round(record["epoch_seconds"], 1),
+                  validation_seconds=round(record["validation_seconds"], 1))
+    if rank.world > 1:
+        dist.barrier()  # checkpoints are on disk before any rank moves on
+
+
+def _out_of_time(deadline: float | None, rank: _Rank) -> bool:
+    """Whether the time budget is spent, decided by all ranks together (a rank that stopped
+    alone would leave the others waiting in a collective forever)."""
+    if deadline is None:
+        return False
+    return bool(_all_sum(np.array([float(time.monotonic() >= deadline)]), rank)[0] > 0)
+
+
+def train_worker(job: TrainJob) -> TrainResult:
+    """Train, early-stop on validation ``job.stop_metric``, evaluate the best model on test."""
+    configure_logging(job.log_level)
+    rank = _start()
+    trainer = _build_trainer(job, rank)
+    folder = Path(job.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    resuming = job.resume and (folder / LAST).exists()
+    state = _load(folder / LAST, trainer.model, trainer.optimizer, trainer.schedule) if resuming else _State()
     if job.resume and rank.leader:
         log_event(log, "train.resume", epoch=state.epoch, best=state.best)
     torch.manual_seed(job.seed + 1000 * state.epoch + rank.rank)  # dropout stream per rank/epoch
 
-    batches = DeltaBatches(job.train, columns=TRAIN_COLUMNS, batch_size=max(1, job.batch_size // rank.world),
-                           shuffle=True, seed=job.seed, buffer_rows=job.buffer_rows, rank=rank.rank,
-                           world_size=rank.world, bucket_by="history_items")
+    rows = DeltaBatches(job.train, columns=TRAIN_COLUMNS, batch_size=max(1, job.batch_size // rank.world),
+                        shuffle=True, seed=job.seed, buffer_rows=job.buffer_rows, rank=rank.rank,
+                        world_size=rank.world, bucket_by=HISTORY_ITEMS)
     collate = partial(sequence_batch, max_length=job.spec.max_length)
     deadline = None if job.max_minutes is None else time.monotonic() + 60 * job.max_minutes
     # The patience test heads the loop: a resumed run that had already stopped early trains no
     # further epoch (its best model may already be registered).
     while state.epoch < job.epochs and state.waited < job.patience:
         started = time.perf_counter()
-        batches.set_epoch(state.epoch)
-        trainer.train()
-        loss_sum = np.zeros(2)
-        join = trainer.join() if isinstance(trainer, DistributedDataParallel) else nullcontext()
-        with join:
-            for batch in prefetch(collate_with(batches, collate), job.prefetch_batches):
-                rank.stop_if_orphaned()
-                loss = trainer(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), job.grad_clip)
-                optimizer.step()
-                loss_sum += (float(loss.detach()), 1.0)
-        loss_sum = _all_sum(loss_sum, rank)
+        rows.set_epoch(state.epoch)
+        train_loss = _train_epoch(trainer, prefetch(collate_with(rows, collate), job.prefetch_batches), job, rank)
         trained = time.perf_counter()
-        metrics = evaluate(task, model, job.validation, job, rank)
+        metrics = evaluate(trainer.task, trainer.model, job.validation, job, rank)
         # Plain floats: checkpoints are loaded with weights_only=True, which refuses numpy scalars.
-        record = {"epoch": state.epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1.0)),
+        record = {"epoch": state.epoch, "train_loss": train_loss,
                   **{f"val_{k}": float(v) for k, v in metrics.items()},
                   "epoch_seconds": time.perf_counter() - started, "validation_seconds": time.perf_counter() - trained}
-        state.history.append(record)
-        improved = metrics[job.stop_metric] > state.best
-        if improved:
-            state.best, state.best_epoch, state.waited = record[f"val_{job.stop_metric}"], state.epoch, 0
-        else:
-            state.waited += 1
-        if schedule is not None:
-            schedule.step(metrics[job.stop_metric])
-            record["learning_rate"] = float(optimizer.param_groups[0]["lr"])
-        state.epoch += 1
-        rank.stop_if_orphaned()
-        if rank.leader:
-            if improved:
-                torch.save(model.state_dict(), folder / BEST)
-            _save(folder / LAST, model, optimizer, schedule, state)
-            _log_epoch(job, record, record["epoch"])
-            log_event(log, "train.epoch", epoch=record["epoch"], loss=round(record["train_loss"], 4),
-                      **{f"val_{job.stop_metric}": round(metrics[job.stop_metric], 5)},
-                      best=round(state.best, 5), seconds=round(record["epoch_seconds"], 1),
-                      validation_seconds=round(record["validation_seconds"], 1))
-        if rank.world > 1:
-            dist.barrier()  # checkpoints are on disk before any rank moves on
-        # every rank must take the same decision, or the others would wait in a collective forever
-        if deadline is not None and _all_sum(np.array([float(time.monotonic() >= deadline)]), rank)[0] > 0:
+        _end_epoch(trainer, state, record, metrics, job, rank)
+        if _out_of_time(deadline, rank):
             if rank.leader:
                 log_event(log, "train.time_budget", minutes=job.max_minutes, epochs=state.epoch)
             break
 
-    model.load_state_dict(torch.load(folder / BEST, map_location=rank.device, weights_only=True))
-    test = evaluate(task, model, job.test, job, rank)
+    trainer.model.load_state_dict(torch.load(folder / BEST, map_location=rank.device, weights_only=True))
+    test = evaluate(trainer.task, trainer.model, job.test, job, rank)
     best_validation = state.history[state.best_epoch] if state.best_epoch >= 0 else {}
     if rank.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {
-        "test": test,
-        "validation": {k[4:]: v for k, v in best_validation.items() if k.startswith("val_")},
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "stopped_early": state.waited >= job.patience,
-        "history": state.history,
-        "best_state_path": str(folder / BEST),
-        "world_size": rank.world,
-    }
+    return TrainResult(
+        test=test,
+        validation={k[4:]: v for k, v in best_validation.items() if k.startswith("val_")},
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stopped_early=state.waited >= job.patience,
+        history=state.history,
+        best_state_path=str(folder / BEST),
+        world_size=rank.world,
+    )

@@ -8,13 +8,11 @@ the model is registered only after training and test evaluation succeeded.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,19 +27,24 @@ from recsys_spark.constants import (
     CATEGORY_ID,
     GOLD_ITEM_FEATURES,
     GOLD_TRAINING_EXAMPLES,
+    HISTORY_ITEMS,
     ITEM_ID,
     ITEM_IDX,
     SILVER_ITEM_INDEX,
     SILVER_USER_INDEX,
+    SPLIT,
     TEST,
     TRAIN,
     USER_ID,
     USER_IDX,
-    VALIDATION,
 )
-from recsys_spark.errors import ConfigError, InputDataError, RecsysError, TableNotFoundError, TrainingFailedError
-from recsys_spark.evaluation.evaluate import evaluate_registered, load_registered
-from recsys_spark.logs import get_logger, log_event
+from recsys_spark.errors import ConfigError, RecsysError, TrainingFailedError
+from recsys_spark.evaluation.evaluate import evaluate_registered
+from recsys_spark.logs import get_logger, log_event, log_event_at
+from recsys_spark.modeling.gold import TrainingData, load_training_data
+from recsys_spark.modeling.package import load_registered_model
+from recsys_spark.modeling.tasks import TASKS, ModelSpec, get_task
+from recsys_spark.processes import environment
 from recsys_spark.spark import work_dir
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import (
@@ -50,6 +53,7 @@ from recsys_spark.tracking import (
     connect,
     experiment_id,
     flatten,
+    fluent_store,
     log_final_metrics,
     log_json,
     log_learning_curves,
@@ -59,9 +63,7 @@ from recsys_spark.tracking import (
     record_gate,
     tracking_uri,
 )
-from recsys_spark.training.data import TableSlice, count_rows
-from recsys_spark.training.loop import TrainJob, train_worker
-from recsys_spark.training.tasks import TASKS, ModelSpec, get_task
+from recsys_spark.training.loop import TrainJob, TrainResult, train_worker
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -71,24 +73,6 @@ log = get_logger("train")
 
 
 MODEL_ARTIFACT = "recommender"
-
-
-@dataclass
-class TrainingData:
-    """What a run trains on: one version of the gold table and the sizes derived from it."""
-
-    table: str
-    version: int
-    protocol: str
-    feature_run_id: str
-    rows: dict[str, int]
-    num_items: int
-    num_users: int
-    mask_seen: bool
-    source_versions: dict[str, Any] = field(default_factory=dict)
-
-    def slice(self, split: str) -> TableSlice:
-        return TableSlice(self.table, self.version, split)
 
 
 @dataclass
@@ -122,53 +106,12 @@ def resolve_model(settings: Settings, model: str | None) -> str:
     return name
 
 
-def model_max_length(settings: Settings) -> int:
-    return settings.training.max_length or settings.features.max_sequence_length
-
-
-def load_training_data(lake: Lakehouse, settings: Settings, version: int | None = None) -> TrainingData:
-    """The gold table's current version (or ``version``), checked to hold something to train
-    and evaluate on."""
-    if not lake.exists(GOLD_TRAINING_EXAMPLES):
-        raise TableNotFoundError(
-            f"{GOLD_TRAINING_EXAMPLES} does not exist under {settings.root}: run `recsys ingest` "
-            "and `recsys features` first"
-        )
-    if version is None:
-        version = lake.version(GOLD_TRAINING_EXAMPLES)
-    path = lake.path(GOLD_TRAINING_EXAMPLES)
-    rows = {split: count_rows(TableSlice(path, version, split)) for split in (TRAIN, VALIDATION, TEST)}
-    if rows[TRAIN] == 0:
-        raise InputDataError(f"{GOLD_TRAINING_EXAMPLES} v{version} has no training rows {rows}")
-    if rows[VALIDATION] == 0 or rows[TEST] == 0:
-        raise InputDataError(
-            f"{GOLD_TRAINING_EXAMPLES} v{version} needs validation and test rows for early stopping "
-            f"and gating, got {rows}; check features.split"
-        )
-    meta = lake.commit_metadata(GOLD_TRAINING_EXAMPLES, version)
-    protocol = meta.get("protocol", "temporal")
-    num_items = int(meta["num_items"])
-    top_user = lake.read(GOLD_TRAINING_EXAMPLES, version=version).agg(F.max(USER_IDX)).first()[0]
-    mode = settings.evaluation.mask_history
-    return TrainingData(
-        table=path,
-        version=version,
-        protocol=protocol,
-        feature_run_id=meta.get("feature_run_id", ""),
-        rows=rows,
-        num_items=num_items,
-        num_users=int(top_user) + 1,
-        mask_seen=mode == "always" or (mode == "auto" and protocol == "leave-one-out"),
-        source_versions=json.loads(meta.get("source_versions", "{}")),
-    )
-
-
 def item_log_q(lake: Lakehouse, data: TrainingData) -> np.ndarray:
     """log of each item's share of training interactions (smoothed): the sampling probability
     that in-batch and sampled softmax correct for."""
-    examples = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col("split") == TRAIN)
+    examples = lake.read(GOLD_TRAINING_EXAMPLES, version=data.version).filter(F.col(SPLIT) == TRAIN)
     counts = np.ones(data.num_items, dtype=np.float64)
-    exploded = examples.select(F.explode("history_items").alias(ITEM_IDX)).groupBy(ITEM_IDX).count()
+    exploded = examples.select(F.explode(HISTORY_ITEMS).alias(ITEM_IDX)).groupBy(ITEM_IDX).count()
     for row in exploded.collect():  # one row per item: bounded by the catalogue, not the data
         counts[row[ITEM_IDX]] += row["count"]
     return np.log(counts / counts.sum()).astype(np.float32)
@@ -197,7 +140,7 @@ def build_spec(lake: Lakehouse, settings: Settings, name: str, data: TrainingDat
     categories, num_categories = (item_categories(lake, data.num_items) if name == "two_tower"
                                   else (None, 0))
     spec = ModelSpec(name=name, num_items=data.num_items, num_users=data.num_users,
-                     max_length=model_max_length(settings), hyperparameters=hyper,
+                     max_length=settings.model_max_length, hyperparameters=hyper,
                      num_categories=num_categories, item_categories=categories,
                      log_q=item_log_q(lake, data))
     try:
@@ -295,45 +238,26 @@ def checkpoint_dir(settings: Settings, run_id: str) -> Path:
     return Path(work_dir(settings)) / "checkpoints" / run_id
 
 
-def _train_job(settings: Settings, spec: ModelSpec, data: TrainingData, run_id: str, resume: bool) -> TrainJob:
-    t = settings.training
-    return TrainJob(
-        spec=spec, train=data.slice(TRAIN), validation=data.slice(VALIDATION), test=data.slice(TEST),
-        checkpoint_dir=str(checkpoint_dir(settings, run_id)), epochs=t.epochs, patience=t.patience, max_minutes=t.max_minutes,
-        batch_size=t.batch_size, learning_rate=t.learning_rate, lr_decay=t.lr_decay,
-        lr_decay_patience=t.lr_decay_patience, weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip, loss=t.loss, num_negatives=t.num_negatives, seed=t.seed,
-        buffer_rows=t.buffer_rows, prefetch_batches=t.prefetch_batches, ks=tuple(settings.evaluation.ks),
-        stop_metric="ndcg@10" if 10 in settings.evaluation.ks else f"ndcg@{settings.evaluation.ks[0]}",
-        eval_batch_size=settings.evaluation.batch_size, mask_seen=data.mask_seen, resume=resume,
-        tracking_uri=tracking_uri(settings), run_id=run_id, log_level=settings.logging.level,
-    )
-
-
-def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> dict[str, Any]:
+def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> TrainResult:
     """Run ``train_worker`` on ``num_processes`` DDP ranks under TorchDistributor."""
     from recsys_spark.training.distributor import BoundTorchDistributor
 
     t = settings.training
-    local = t.local_mode if t.local_mode is not None else spark.sparkContext.master.startswith("local")
+    local = t.local_mode if t.local_mode is not None else str(spark.sparkContext.master).startswith("local")
     scratch = Path(work_dir(settings)) / "torchrun"
     scratch.mkdir(parents=True, exist_ok=True)
     distributor = BoundTorchDistributor(num_processes=t.num_processes, local_mode=local,
                                         use_gpu=torch.cuda.is_available())
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(scratch)  # torchrun leaves folders in TMPDIR: keep them ours
+    # torchrun leaves folders in TMPDIR: keep them ours (tempfile caches the folder it chose)
     tempfile.tempdir = None
     try:
         # Rank output is written to our stdout, which belongs to the --json result line.
-        with contextlib.redirect_stdout(sys.stderr):
-            return distributor.run(train_worker, job)
+        with environment({"TMPDIR": str(scratch)}), contextlib.redirect_stdout(sys.stderr):
+            result: TrainResult = distributor.run(train_worker, job)
+            return result
     except RuntimeError as exc:
         raise TrainingFailedError(f"training failed on a rank ({exc}); the ranks' output is above") from exc
     finally:
-        if previous is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous
         tempfile.tempdir = None
 
 
@@ -348,42 +272,43 @@ def _train_and_register(
     *,
     resume: bool,
 ) -> TrainingReport:
-    data_record = {k: v for k, v in asdict(data).items() if k != "table"} | {"table": GOLD_TRAINING_EXAMPLES}
+    data_record = data.record()
     if not resume:
         log_params(client, run_id, flatten(settings.model_dump(mode="json")) | flatten(
             {"data": {k: v for k, v in data_record.items() if k != "rows"} | {"rows": data.rows}}))
         log_json(client, run_id, "config/resolved.json", settings.model_dump(mode="json"))
         log_json(client, run_id, "data/versions.json", data_record)
-    job = _train_job(settings, spec, data, run_id, resume)
+    job = TrainJob.from_settings(settings, spec, data, checkpoint_dir=str(checkpoint_dir(settings, run_id)),
+                                 resume=resume, tracking_uri=tracking_uri(settings), run_id=run_id)
     log_event(log, "train.start", run_id=run_id, model=spec.name, processes=settings.training.num_processes,
               rows=data.rows, items=data.num_items, resume=resume)
     result = distribute(spark, settings, job)
-    log_final_metrics(client, run_id, result["test"], "test_")
-    log_final_metrics(client, run_id, result["validation"], "best_val_")
-    log_learning_curves(client, run_id, result["history"], job.stop_metric)
-    log_metrics_at_k(client, run_id, result["test"], settings.evaluation.ks)
+    log_final_metrics(client, run_id, result.test, "test_")
+    log_final_metrics(client, run_id, result.validation, "best_val_")
+    log_learning_curves(client, run_id, result.history, job.stop_metric)
+    log_metrics_at_k(client, run_id, result.test, settings.evaluation.ks)
 
     # A resumed run that had registered its model before failing (in the gate) registers no twin.
     version = (_registered_version(client, settings, run_id) if resume else None) or _log_models(
-        lake, settings, client, run_id, spec, data, Path(result["best_state_path"]))
+        lake, settings, client, run_id, spec, data, Path(result.best_state_path))
     gate = settings.evaluation.gate_metric
     promoted, champion, champion_value = _gate(client, settings, data, run_id, version, result)
     client.set_tag(run_id, "recsys.model_version", version)
     client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
     log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted,
-              **{f"test_{k}": round(v, 5) for k, v in result["test"].items() if k in ("ndcg@10", "hit@10")})
+              **{f"test_{k}": round(v, 5) for k, v in result.test.items() if k in ("ndcg@10", "hit@10")})
     return TrainingReport(
         run_id=run_id, model_name=spec.name, model_version=version,
-        registered_model=settings.mlflow.registered_model, test=result["test"],
-        validation=result["validation"], best_epoch=result["best_epoch"], epochs_run=result["epochs_run"],
+        registered_model=settings.mlflow.registered_model, test=result.test,
+        validation=result.validation, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
         promoted=promoted, champion_version=None if champion is None else str(champion.version),
-        champion_value=champion_value, gate_metric=gate, world_size=result["world_size"], seconds=0.0,
+        champion_value=champion_value, gate_metric=gate, world_size=result.world_size, seconds=0.0,
         data=data_record,
     )
 
 
 def _gate(
-    client: MlflowClient, settings: Settings, data: TrainingData, run_id: str, version: str, result: dict[str, Any]
+    client: MlflowClient, settings: Settings, data: TrainingData, run_id: str, version: str, result: TrainResult
 ) -> tuple[bool, Any, float | None]:
     """Evaluate the champion on the same test rows and let ``record_gate`` decide; returns
     (promoted, the champion before, its value)."""
@@ -397,20 +322,20 @@ def _gate(
     champion_value = champion_error = None
     if champion is not None:
         try:
-            loaded = load_registered(model_uri(settings, version=champion.version), tracking_uri(settings))
-        except Exception as exc:  # a champion that cannot be loaded serves nobody either
+            loaded = load_registered_model(model_uri(settings, version=champion.version), tracking_uri(settings))
+        except Exception as exc:  # noqa: BLE001 - a champion that cannot be loaded serves nobody either
             champion_error = f"{type(exc).__name__}: {exc}"[:500]
-            log_event(log, "train.champion_unusable", level=logging.WARNING, version=str(champion.version),
+            log_event_at(log, logging.WARNING, "train.champion_unusable", version=str(champion.version),
                       error=champion_error)
         else:  # an evaluation that fails is a failed run, never a free promotion
             champion_value = evaluate_registered(
                 loaded, data.slice(TEST), num_items=data.num_items, ks=settings.evaluation.ks,
                 mask_seen=data.mask_seen, batch_size=settings.evaluation.batch_size)[gate]
-    challenger_value = result["test"][gate]
-    if not _finite_weights(Path(result["best_state_path"])):
+    challenger_value = result.test[gate]
+    if not _finite_weights(Path(result.best_state_path)):
         # Metrics treat NaN scores as the worst rank, so a diverged model still has finite ones.
         challenger_value = float("nan")
-        log_event(log, "train.diverged", level=logging.WARNING, run_id=run_id, version=version)
+        log_event_at(log, logging.WARNING, "train.diverged", run_id=run_id, version=version)
     eval_set = f"{GOLD_TRAINING_EXAMPLES}@v{data.version}/{TEST}"
     promoted = record_gate(client, settings, version, challenger_value, champion, champion_value, eval_set,
                            champion_error=champion_error)
@@ -451,7 +376,7 @@ def _log_models(
     """Log and register the pyfunc, with the digests of its files; return the new version."""
     import mlflow
 
-    from recsys_spark.training.package import (
+    from recsys_spark.modeling.package import (
         DIGESTS_TAG,
         PIP_REQUIREMENTS,
         PYFUNC_CODE,
@@ -462,10 +387,8 @@ def _log_models(
     state = torch.load(best_state, map_location="cpu", weights_only=True)
     items = _dictionary(lake, SILVER_ITEM_INDEX, ITEM_IDX, ITEM_ID, data.num_items)
     users = _dictionary(lake, SILVER_USER_INDEX, USER_IDX, USER_ID, data.num_users) if spec.name == "mf" else None
-    uri = tracking_uri(settings)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(dir=work_dir(settings)) as folder, mlflow.start_run(run_id=run_id):
+    with (fluent_store(tracking_uri(settings)), tempfile.TemporaryDirectory(dir=work_dir(settings)) as folder,
+          mlflow.start_run(run_id=run_id)):
         artifacts = write_artifacts(Path(folder), spec, state, items, users)
         digests = artifact_digests(artifacts)
         raw_items = items.column(ITEM_ID).to_pylist()[:3]

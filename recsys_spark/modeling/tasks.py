@@ -8,7 +8,7 @@ scores with every entry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from models.losses import full_softmax, in_batch_softmax, sampled_softmax
 from models.mf import MatrixFactorization, MFConfig
 from models.sasrec import SASRec, SASRecConfig
 from models.two_tower import TwoTower, TwoTowerConfig
-from recsys_spark.training.batches import EvalBatch, SequenceBatch
+from recsys_spark.modeling.batches import EvalBatch, SequenceBatch
 
 LossKind = Literal["full_softmax", "sampled_softmax"]
 
@@ -66,7 +66,9 @@ class Task(Protocol):
 
     def build(self, spec: ModelSpec) -> nn.Module: ...
 
-    def loss(self, model: nn.Module, batch: SequenceBatch, log_q: torch.Tensor, options: LossOptions) -> torch.Tensor: ...
+    def loss(
+        self, model: nn.Module, batch: SequenceBatch, log_q: torch.Tensor, options: LossOptions
+    ) -> torch.Tensor: ...
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor: ...
 
@@ -87,21 +89,23 @@ class SASRecTask:
     with softmax cross-entropy instead of the paper's one-negative BCE)."""
 
     name = "sasrec"
-    personalised_by = "history"
+    personalised_by: Literal["history", "user"] = "history"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         return SASRec(SASRecConfig(num_items=spec.num_items, max_length=spec.max_length, **spec.hyperparameters))
 
     def loss(self, model: nn.Module, batch: SequenceBatch, log_q: torch.Tensor, options: LossOptions) -> torch.Tensor:
-        hidden = model(batch.inputs, batch.behaviors, batch.gaps)
+        sasrec = cast(SASRec, model)
+        hidden = sasrec(batch.inputs, batch.behaviors, batch.gaps)
         scored = batch.targets > 0
-        return _softmax_loss(hidden[scored], model.items.catalogue(), batch.targets[scored], log_q, options)
+        return _softmax_loss(hidden[scored], sasrec.items.catalogue(), batch.targets[scored], log_q, options)
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
-        return model.score(model.last_hidden(batch.inputs, batch.behaviors, batch.gaps))
+        sasrec = cast(SASRec, model)
+        return sasrec.score(sasrec.last_hidden(batch.inputs, batch.behaviors, batch.gaps))
 
     def item_embeddings(self, model: nn.Module) -> torch.Tensor:
-        return model.items.catalogue()
+        return cast(SASRec, model).items.catalogue()
 
 
 class TwoTowerTask:
@@ -109,7 +113,7 @@ class TwoTowerTask:
     positive; the batch's other positives are the negatives (log-Q corrected)."""
 
     name = "two_tower"
-    personalised_by = "history"
+    personalised_by: Literal["history", "user"] = "history"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         model = TwoTower(TwoTowerConfig(num_items=spec.num_items, num_categories=spec.num_categories,
@@ -119,6 +123,7 @@ class TwoTowerTask:
         return model
 
     def loss(self, model: nn.Module, batch: SequenceBatch, log_q: torch.Tensor, options: LossOptions) -> torch.Tensor:
+        towers = cast(TwoTower, model)
         valid = batch.targets > 0
         rows = valid.any(1)
         valid, inputs, targets = valid[rows], batch.inputs[rows], batch.targets[rows]
@@ -126,34 +131,35 @@ class TwoTowerTask:
         positions = torch.arange(inputs.shape[1], device=inputs.device)
         prefix = inputs.masked_fill(positions.unsqueeze(0) > cut.unsqueeze(1), 0)
         positive = targets.gather(1, cut.unsqueeze(1)).squeeze(1)
-        return in_batch_softmax(model.user_vectors(prefix), model.item_vectors(positive), positive,
-                                log_q, model.config.temperature)
+        return in_batch_softmax(towers.user_vectors(prefix), towers.item_vectors(positive), positive,
+                                log_q, towers.config.temperature)
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
-        return model.score(batch.inputs)
+        return cast(TwoTower, model).score(batch.inputs)
 
     def item_embeddings(self, model: nn.Module) -> torch.Tensor:
-        return model.catalogue()
+        return cast(TwoTower, model).catalogue()
 
 
 class MFTask:
     """Every (user, item) of the training sequences is a positive; softmax over items."""
 
     name = "mf"
-    personalised_by = "user"
+    personalised_by: Literal["history", "user"] = "user"
 
     def build(self, spec: ModelSpec) -> nn.Module:
         return MatrixFactorization(MFConfig(num_users=spec.num_users, num_items=spec.num_items,
                                             **spec.hyperparameters))
 
     def loss(self, model: nn.Module, batch: SequenceBatch, log_q: torch.Tensor, options: LossOptions) -> torch.Tensor:
+        mf = cast(MatrixFactorization, model)
         # inputs hold items 1..n-1 of each row, the last target column item n.
         items = torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1)
         positive = items > 0
         users = batch.users.unsqueeze(1).expand_as(items)[positive]
-        vectors, user_bias = model.user_vectors(users), model.user_biases(users)
-        catalogue = model.items.weight[1:]
-        bias = model.item_bias.weight[1:, 0]
+        vectors, user_bias = mf.user_vectors(users), mf.user_biases(users)
+        catalogue = mf.items.weight[1:]
+        bias = mf.item_bias.weight[1:, 0]
         if options.kind == "sampled_softmax":
             # p_u·q_i + b_i + b_u as one dot product: [p_u, 1, b_u] · [q_i, b_i, 1]
             return sampled_softmax(torch.cat([vectors, torch.ones_like(user_bias), user_bias], 1),
@@ -163,10 +169,10 @@ class MFTask:
         return torch.nn.functional.cross_entropy(vectors @ catalogue.T + bias + user_bias, items[positive] - 1)
 
     def scores(self, model: nn.Module, batch: EvalBatch) -> torch.Tensor:
-        return model.score(batch.users)
+        return cast(MatrixFactorization, model).score(batch.users)
 
     def item_embeddings(self, model: nn.Module) -> torch.Tensor:
-        return model.items.weight[1:]
+        return cast(MatrixFactorization, model).items.weight[1:]
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (SASRecTask(), TwoTowerTask(), MFTask())}
@@ -187,6 +193,7 @@ class LossModule(nn.Module):
         super().__init__()
         self.task = task
         self.model = model
+        self.log_q: torch.Tensor
         self.register_buffer("log_q", log_q)
         self.options = options
 

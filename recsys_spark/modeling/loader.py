@@ -30,20 +30,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recsys_spark.constants import SPLIT
-from recsys_spark.storage.delta_rs import data_files
+from recsys_spark.storage import table_files
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class TableSlice:
-    """One split of a Delta table at one version: what a training run reads, and records."""
+    """One split of a lakehouse table at one version: what a training run reads, and records."""
 
-    path: str
+    root: str
+    table: str
     version: int
     split: str
 
@@ -68,9 +68,9 @@ def _units(source: TableSlice) -> list[_Unit]:
     Only listing goes through delta-rs; reading is plain pyarrow, so the units are picklable and
     safe to use in forked DataLoader workers (delta-rs's runtime does not survive a fork).
     """
-    table = DeltaTable(source.path, version=source.version)
     units = []
-    for uri in sorted(data_files(table, file_pruning_predicate=[(SPLIT, "=", source.split)])):
+    for uri in sorted(table_files(source.root, source.table, version=source.version,
+                                  partitions=[(SPLIT, "=", source.split)])):
         filesystem, path = pafs.FileSystem.from_uri(uri)
         with filesystem.open_input_file(path) as handle:
             metadata = pq.ParquetFile(handle).metadata
@@ -88,8 +88,8 @@ class DeltaBatches(IterableDataset):
 
     Example::
 
-        batches = DeltaBatches(TableSlice(path, version=3, split="train"),
-                               columns=["history_items"], batch_size=128, shuffle=True)
+        batches = DeltaBatches(TableSlice("lakehouse", "gold/training_examples", 3, "train"),
+                               columns=[HISTORY_ITEMS], batch_size=128, shuffle=True)
         batches.set_epoch(0)
         for batch in batches: ...   # pyarrow.RecordBatch of up to 128 rows
     """
@@ -200,7 +200,7 @@ def prefetch(source: Iterable[T], depth: int) -> Iterator[T]:
                         continue
                 if stop.is_set():
                     return
-        except BaseException as exc:  # re-raised in the consumer
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             failure.append(exc)
         finally:
             slots.put(done)
@@ -229,7 +229,7 @@ def pad_left(lists: pa.Array, length: int, *, shift: int = 0, dtype: type = np.i
     values = lists.flatten().to_numpy(zero_copy_only=False).astype(dtype) + shift
     offsets = offsets - offsets[0]
     counts = np.minimum(np.diff(offsets), length)
-    out = np.zeros((len(counts), length), dtype=dtype)
+    out: np.ndarray = np.zeros((len(counts), length), dtype=dtype)
     rows = np.repeat(np.arange(len(counts)), counts)
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     source = np.repeat(offsets[1:] - counts, counts) + within

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from recsys_spark.constants import USER_IDX
-from recsys_spark.training.data import pad_left
+from recsys_spark.constants import HISTORY_BEHAVIORS, HISTORY_GAPS, HISTORY_ITEMS, SEEN_ITEMS, TARGETS, USER_IDX
+from recsys_spark.modeling.loader import pad_left
 
-TRAIN_COLUMNS = (USER_IDX, "history_items", "history_behaviors", "history_gaps")
-EVAL_COLUMNS = (*TRAIN_COLUMNS, "targets", "seen_items")
+TRAIN_COLUMNS = (USER_IDX, HISTORY_ITEMS, HISTORY_BEHAVIORS, HISTORY_GAPS)
+EVAL_COLUMNS = (*TRAIN_COLUMNS, TARGETS, SEEN_ITEMS)
 
 
 @dataclass
@@ -71,10 +71,10 @@ def _trim(*arrays: np.ndarray, items: np.ndarray) -> list[np.ndarray]:
 
 def sequence_batch(batch: pa.RecordBatch, max_length: int) -> SequenceBatch:
     """Training rows hold L+1 events; position t's input predicts event t+1."""
-    items = pad_left(batch.column("history_items"), max_length + 1, shift=1)
+    items = pad_left(batch.column(HISTORY_ITEMS), max_length + 1, shift=1)
     inputs, following = items[:, :-1], items[:, 1:]
-    behaviors = pad_left(batch.column("history_behaviors"), max_length + 1)[:, :-1]
-    gaps = pad_left(batch.column("history_gaps"), max_length + 1)[:, :-1]
+    behaviors = pad_left(batch.column(HISTORY_BEHAVIORS), max_length + 1)[:, :-1]
+    gaps = pad_left(batch.column(HISTORY_GAPS), max_length + 1)[:, :-1]
     targets = np.where(inputs > 0, following, 0)
     inputs, targets, behaviors, gaps = _trim(inputs, targets, behaviors, gaps, items=inputs)
     return SequenceBatch(
@@ -87,16 +87,16 @@ def sequence_batch(batch: pa.RecordBatch, max_length: int) -> SequenceBatch:
 
 
 def eval_batch(batch: pa.RecordBatch, max_length: int, *, mask_seen: bool) -> EvalBatch:
-    seen = pad_right(batch.column("seen_items")) if mask_seen else np.full((batch.num_rows, 1), -1)
-    inputs = pad_left(batch.column("history_items"), max_length, shift=1)
-    behaviors = pad_left(batch.column("history_behaviors"), max_length)
-    gaps = pad_left(batch.column("history_gaps"), max_length)
+    seen = pad_right(batch.column(SEEN_ITEMS)) if mask_seen else np.full((batch.num_rows, 1), -1)
+    inputs = pad_left(batch.column(HISTORY_ITEMS), max_length, shift=1)
+    behaviors = pad_left(batch.column(HISTORY_BEHAVIORS), max_length)
+    gaps = pad_left(batch.column(HISTORY_GAPS), max_length)
     inputs, behaviors, gaps = _trim(inputs, behaviors, gaps, items=inputs)
     return EvalBatch(
         users=_tensor(batch.column(USER_IDX).to_numpy()),
         inputs=_tensor(inputs),
         behaviors=_tensor(behaviors),
         gaps=_tensor(gaps),
-        targets=_tensor(pad_right(batch.column("targets"))),
+        targets=_tensor(pad_right(batch.column(TARGETS))),
         seen=_tensor(seen),
     )

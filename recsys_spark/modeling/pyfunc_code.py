@@ -6,6 +6,6 @@ platform itself never does (see ``package.load_registered_model``).
 
 from mlflow.models import set_model
 
-from recsys_spark.training.package import RecommenderModel
+from recsys_spark.modeling.package import RecommenderModel
 
 set_model(RecommenderModel())

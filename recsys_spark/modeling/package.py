@@ -36,8 +36,8 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from recsys_spark.errors import ModelIntegrityError
-from recsys_spark.training.batches import EvalBatch
-from recsys_spark.training.tasks import ModelSpec, get_task
+from recsys_spark.modeling.batches import EvalBatch
+from recsys_spark.modeling.tasks import ModelSpec, get_task
 
 if TYPE_CHECKING:
     from mlflow.pyfunc import PythonModelContext
@@ -67,7 +67,8 @@ def write_artifacts(folder: Path, spec: ModelSpec, state: dict[str, torch.Tensor
     folder.mkdir(parents=True, exist_ok=True)
     paths = {key: folder / name for key, name in ARTIFACT_FILES.items()}
     paths[ARCHITECTURE].write_text(json.dumps(spec.architecture(), indent=2))
-    np.savez(paths[WEIGHTS], **{name: tensor.detach().cpu().numpy() for name, tensor in state.items()})
+    arrays: dict[str, Any] = {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
+    np.savez(paths[WEIGHTS], **arrays)
     if spec.log_q is not None:  # each item's share of the training interactions
         items = items.append_column(POPULARITY, pa.array(np.exp(spec.log_q)[items.column("item_idx").to_numpy()]))
     pq.write_table(items, paths[ITEMS])
@@ -94,9 +95,6 @@ def load_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel
     import mlflow
     from mlflow import MlflowClient
 
-    # models:/ downloads resolve through the process's registry URI, whatever client asks
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     name, version = _registry_version(client, model_uri)
     recorded = client.get_model_version(name, version).tags.get(DIGESTS_TAG)
@@ -108,7 +106,8 @@ def load_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel
     expected: dict[str, str] = json.loads(recorded)
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as folder:
         local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=folder))
+            artifact_uri=f"models:/{name}/{version}", dst_path=folder, tracking_uri=tracking_uri,
+            registry_uri=tracking_uri))
         paths = {}
         for key, file_name in ARTIFACT_FILES.items():
             if file_name not in expected:
@@ -124,6 +123,19 @@ def load_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel
         if ARCHITECTURE not in paths or WEIGHTS not in paths or ITEMS not in paths:
             raise ModelIntegrityError(f"registered model {name!r} v{version} lacks recsys artifacts")
         return RecommenderModel.from_artifacts(paths)
+
+
+_LOADED: dict[tuple[str, str], RecommenderModel] = {}
+
+
+def cached_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel:
+    """``load_registered_model``, once per process and store: Spark's Python workers outlive
+    jobs, so each loads a version once for every partition and job it scores. Give a version's
+    URI (``models:/name/N``), not an alias, which may move while a worker holds the model."""
+    key = (tracking_uri, model_uri)
+    if key not in _LOADED:
+        _LOADED[key] = load_registered_model(model_uri, tracking_uri)
+    return _LOADED[key]
 
 
 def _registry_version(client: Any, model_uri: str) -> tuple[str, str]:
