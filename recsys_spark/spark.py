@@ -136,7 +136,12 @@ def delta_jars_configured(conf: dict[str, str]) -> bool:
 
 
 def get_spark(settings: Settings) -> SparkSession:
-    """Return the active session, creating it from ``settings`` on first use."""
+    """Return the active session, creating it from ``settings`` on first use.
+
+    A local session sets ``SPARK_LOCAL_IP``, ``PYSPARK_PYTHON``, ``PYSPARK_DRIVER_PYTHON`` and
+    ``SPARK_LOCAL_DIRS`` in this process's environment (unless already set) and leaves them:
+    the JVM and the Python workers it starts read them for as long as the session lives.
+    """
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()

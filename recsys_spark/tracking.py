@@ -71,18 +71,23 @@ def connect(settings: Settings) -> MlflowClient:
 
 @contextmanager
 def fluent_store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``log_model``, ``start_run``) works on the process's tracking and
-    registry URIs: point them at ``uri`` for the block, then back at what they were."""
+    """MLflow's fluent API (``log_model``, ``start_run``, ``models:/`` downloads) works on the
+    process's tracking and registry URIs: point them at ``uri`` for the block, then back at
+    what they were (unset included, so no default store appears in the working directory)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry  # where MLflow keeps them
+    from mlflow.tracking._tracking_service import utils as tracking
 
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    previous: tuple[Any, Any] = (tracking._tracking_uri, registry._registry_uri)  # noqa: SLF001
+    # setting them also exports them to the environment, for subprocesses: restored with it
+    with environment({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
 
 
 def experiment_id(client: MlflowClient, settings: Settings) -> str:

@@ -33,8 +33,26 @@ os.environ["RECSYS__STORAGE__ENGINE"] = "delta-rs"
 ENGINES = [
     pytest.param("delta-rs", id="delta-rs"),
     pytest.param("delta-spark", id="delta-spark", marks=[
-        pytest.mark.delta_spark, pytest.mark.skipif(not HAVE_DELTA_JARS, reason=NO_DELTA_JARS)]),
+        pytest.mark.delta_spark, pytest.mark.slow,  # Delta's own planning: seconds per small commit
+        pytest.mark.skipif(not HAVE_DELTA_JARS, reason=NO_DELTA_JARS)]),
 ]
+
+
+# Fixtures that bring a part with them, and the marker a test using them carries (so that
+# ``-m "not spark"`` and friends select exactly the tests that need the part).
+MARKED_FIXTURES = {
+    "spark": ("spark",),
+    "lake": ("spark",),
+    "gold_root": ("spark", "integration", "mlflow"),
+    "served": ("spark", "integration", "mlflow"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in MARKED_FIXTURES.get(fixture, ()):
+                item.add_marker(marker)
 
 
 def make_settings(root: Path, *extra: str) -> Settings:

@@ -158,6 +158,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 @pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGKILL"])
 def test_terminating_ui_stops_the_whole_mlflow_server(tmp_path: Path, stop_signal: str) -> None:
     # SIGKILL: recsys ui cannot clean up, and the server (a session of its own) must still go.

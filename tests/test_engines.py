@@ -35,6 +35,7 @@ def comparable(df):
     return df.select(*kept)
 
 
+@pytest.mark.slow
 def test_ingest_and_features_give_identical_tables_on_both_engines(spark, tmp_path: Path, capsys) -> None:
     log = tmp_path / "events.csv"
     write_log(GeneratorConfig(users=200, items=150, days=6, seed=5), log, malformed_rate=0.03)

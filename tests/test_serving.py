@@ -354,15 +354,14 @@ def test_nearline_reads_a_known_users_gold_once_per_gold_version(spark, served, 
     lake = open_lakehouse(spark, settings)
     sink = streaming.NearlineSink(spark, lake, settings)
     read_from_gold: list[list[int]] = []
-    read_rows = streaming._read_rows
+    user_rows = streaming._user_rows
 
-    def spy(table, users):
-        where = getattr(table, "table_uri", table) or ""
-        if where.rstrip("/").endswith("gold/user_sequences"):
+    def spy(root, table, version, users):
+        if table == "gold/user_sequences":
             read_from_gold.append(list(users))
-        return read_rows(table, users)
+        return user_rows(root, table, version, users)
 
-    monkeypatch.setattr(streaming, "_read_rows", spy)
+    monkeypatch.setattr(streaming, "_user_rows", spy)
     known, newcomer, stranger = sorted(_table(str(root), "gold/user_sequences").column("user_id").to_pylist())[:3]
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
@@ -387,6 +386,7 @@ def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
     os.replace(hidden, folder / name)
 
 
+@pytest.mark.slow
 def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, served_root, tmp_path, capsys) -> None:
     from recsys_spark.serving.streaming import start_stream
     from recsys_spark.storage import open_lakehouse
@@ -546,6 +546,7 @@ def _assert_lineage_consistent(root: Path, landed: int) -> None:
     assert nearline == state
 
 
+@pytest.mark.slow
 def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> None:
     landing = tmp_path / "landing"
     landing.mkdir()

@@ -289,9 +289,11 @@ def test_a_damaged_log_is_one_error_naming_the_table_and_the_others_still_list(s
     assert listed["silver/a"].version is None and "damaged" in (listed["silver/a"].error or "")
 
 
-def test_vacuum_waits_for_writes_in_progress(spark, lake: Lakehouse) -> None:
+def test_vacuum_waits_for_writes_in_progress(spark, rs_lake: Lakehouse) -> None:
     """A write's files exist before its commit references them (delta-rs: a staging folder;
-    delta-spark: the table folder): a short-retention vacuum meanwhile would delete them."""
+    delta-spark: the table folder): a short-retention vacuum meanwhile would delete them. The
+    lock is the lakehouse's, whichever engine writes."""
+    lake = rs_lake
     lake.write(events(spark, 10), "silver/t")
     vacuumed = threading.Event()
 

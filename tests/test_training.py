@@ -149,6 +149,8 @@ def test_every_model_learns_a_fixed_batch_and_scores_the_catalogue(name: str, lo
 # --- recsys train: DDP, MLflow, registry -------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_train_logs_registers_and_gates_champion(gold_root: str, tmp_path: Path, capsys) -> None:
     client = client_for(tmp_path)
     first = train(capsys, gold_root, tmp_path, "--model", "mf", *UNTRAINED)
@@ -269,6 +271,7 @@ def _alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if (stat := _stat(pid)) and stat[0] != "Z"}
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: Path, capsys) -> None:
     epochs = 40
     settings = ["--root", gold_root, *TINY, *store(tmp_path), "--set", f"training.epochs={epochs}",
@@ -316,6 +319,7 @@ def test_killed_training_resumes_from_its_checkpoint(gold_root: str, tmp_path: P
     assert {m.step for m in history} == set(range(epochs))  # no epoch lost across the kill
 
 
+@pytest.mark.slow
 def test_gate_survives_an_unusable_champion_and_a_resumed_run_registers_once(
         gold_root: str, tmp_path: Path, capsys) -> None:
     client = client_for(tmp_path)
@@ -404,6 +408,7 @@ def _wildcard_listeners(pids: set[int]) -> set[tuple[int, str]]:
     return found
 
 
+@pytest.mark.ddp
 def test_training_listens_on_loopback_only(gold_root: str, tmp_path: Path, capsys) -> None:
     # torchrun's rendezvous stores (whose state torch unpickles) bound every interface.
     import threading
@@ -454,6 +459,8 @@ def test_resuming_a_run_that_stopped_early_trains_nothing_more(spark, gold_root:
     assert (again.epochs_run, again.best_epoch, again.test) == (first.epochs_run, first.best_epoch, first.test)
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_one_and_two_processes_give_the_same_metrics_within_noise(gold_root: str, tmp_path: Path, capsys) -> None:
     # Same seed, same global batch: two DDP ranks split each batch and average gradients, and
     # evaluation sums metric numerators across ranks, so the numbers must agree up to the
@@ -575,3 +582,42 @@ def test_unreachable_tracking_store_fails_fast(gold_root: str, tmp_path: Path, c
                            "--set", "mlflow.tracking_uri=http://127.0.0.1:9")
     assert code != 0 and "unreachable" in err
     assert time.monotonic() - started < 60
+
+
+def test_every_name_the_cli_and_config_offer_is_implemented() -> None:
+    from recsys_spark.baselines import FITTERS
+    from recsys_spark.config import TrainingSettings
+    from recsys_spark.constants import BASELINE_NAMES, MODEL_NAMES
+
+    assert set(TASKS) == set(MODEL_NAMES) and set(FITTERS) == set(BASELINE_NAMES)
+    for name in MODEL_NAMES:  # each model has its hyperparameter section
+        assert name in TrainingSettings.model_fields
+
+
+def test_train_job_takes_every_value_from_the_settings(tmp_path: Path) -> None:
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from recsys_spark.modeling.gold import TrainingData
+    from recsys_spark.records import GoldCommit
+    from recsys_spark.training.loop import TrainJob
+
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(TrainJob)), "TrainJob must not keep defaults of its own"
+    data = TrainingData(root=str(tmp_path), version=3, rows={"train": 1, "validation": 1, "test": 1},
+                        commit=GoldCommit("f", datetime.now(UTC), "temporal", {"silver/events": 1}, 10),
+                        num_users=5, mask_seen=False)
+    spec = ModelSpec(name="mf", num_items=10, num_users=5, max_length=50)
+    settings = make_settings(tmp_path, "evaluation.gate_metric=hit@20", "training.weight_decay=0.25")
+    job = TrainJob.from_settings(settings, spec, data, checkpoint_dir="x")
+    t = settings.training
+    assert (job.learning_rate, job.lr_decay, job.weight_decay) == (t.learning_rate, t.lr_decay, 0.25)
+    assert job.stop_metric == "hit@20"  # early stopping follows the gate metric by default
+    assert job.train.version == 3 and job.validation.split == "validation"
+    job = TrainJob.from_settings(make_settings(tmp_path, "training.stop_metric=ndcg@5"), spec, data,
+                                 checkpoint_dir="x")
+    assert job.stop_metric == "ndcg@5"
+    from recsys_spark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.stop_metric 'ndcg@7'"):
+        make_settings(tmp_path, "training.stop_metric=ndcg@7")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from recsys_spark.ingest.sources import InputFile, is_uri
+from recsys_spark.ingest.sources import InputFile, local_path
 
 # Appending to a compressed stream does not append lines to its text.
 _COMPRESSED = {".gz", ".bz2", ".zst", ".xz", ".deflate", ".lz4", ".snappy", ".zip"}
@@ -43,11 +43,14 @@ class Append:
 
 def find_append(file: InputFile, ingested: list[IngestedFile]) -> Append | None:
     """The largest earlier ingest of ``file``'s path that ``file`` extends, if any."""
-    if is_uri(file.path) or Path(file.path).suffix.lower() in _COMPRESSED:
+    local = local_path(file.path)
+    if local is None or Path(local).suffix.lower() in _COMPRESSED:
         return None
     earlier = sorted((f for f in ingested if f.path == file.path and 0 < f.size < file.size),
                      key=lambda f: f.size, reverse=True)
-    with open(file.path, "rb") as handle:
+    if not earlier:
+        return None
+    with open(local, "rb") as handle:
         for candidate in earlier:
             handle.seek(candidate.size - 1)
             if handle.read(1) not in (b"\n", b"\r"):
@@ -59,9 +62,9 @@ def find_append(file: InputFile, ingested: list[IngestedFile]) -> Append | None:
 
 
 def copy_tail(path: str, offset: int, target: Path) -> str:
-    """Copy the bytes of ``path`` from ``offset`` on to ``target``; returns its path."""
+    """Copy the bytes of the local file ``path`` from ``offset`` on to ``target``; returns its path."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "rb") as src, open(target, "wb") as dst:
+    with open(local_path(path) or path, "rb") as src, open(target, "wb") as dst:
         src.seek(offset)
         shutil.copyfileobj(src, dst, _COPY_BYTES)
     return str(target)

@@ -20,14 +20,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-from recsys_spark.ingest.sources import is_uri
+from recsys_spark.ingest.sources import local_path
 
 PREVIEW_BYTES = 256  # of a too-long line, kept in bronze and quarantine
 _CHUNK_BYTES = 8 << 20
@@ -90,20 +89,13 @@ def marked_lines(value: Column, marker: LineMarker | None) -> tuple[Column, Colu
     return F.when(is_marker, head).otherwise(value), F.when(is_marker, marked_length).otherwise(length)
 
 
-def _local(path: str) -> str | None:
-    """The local file behind ``path`` (Hadoop spells a listed local file ``file:/x``)."""
-    if path.startswith("file:"):
-        return urlparse(path).path  # Hadoop prints paths decoded
-    return None if is_uri(path) else path
-
-
 def _scannable(path: str) -> bool:
-    return _local(path) is not None and Path(path).suffix.lower() not in _HADOOP_ONLY_CODECS
+    return local_path(path) is not None and Path(path).suffix.lower() not in _HADOOP_ONLY_CODECS
 
 
 def _open(path: str) -> BinaryIO:
     codec = _DECOMPRESSED.get(Path(path).suffix.lower())
-    return pa.input_stream(_local(path), compression=codec)
+    return pa.input_stream(local_path(path), compression=codec)
 
 
 def _separators(chunk: bytes) -> np.ndarray:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from recsys_spark.errors import InputDataError
 from recsys_spark.logs import get_logger, log_event_at
@@ -42,6 +43,14 @@ class InputFile:
 
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
+
+
+def local_path(path: str) -> str | None:
+    """The local file behind ``path``, if it is one (Hadoop spells a listed local file
+    ``file:/x``); None for remote URIs."""
+    if path.startswith("file:"):
+        return urlparse(path).path  # Hadoop prints paths decoded
+    return None if is_uri(path) else path
 
 
 def discover_inputs(

@@ -80,7 +80,7 @@ def gold_purchases(root: str, version: int | None) -> dict[int, set[int]]:
     if version is None:
         return {}
     sequences = read_table(root, GOLD_USER_SEQUENCES, version=version, columns=[USER_ID, BOUGHT_ITEMS])
-    sequences = sequences.filter(pc.list_value_length(sequences.column(BOUGHT_ITEMS)) > 0)
+    sequences = sequences.filter(pc.greater(pc.list_value_length(sequences.column(BOUGHT_ITEMS)), 0))
     if sequences.num_rows == 0:
         return {}
     index = read_table(root, SILVER_ITEM_INDEX, columns=[ITEM_IDX, ITEM_ID])
