@@ -9,6 +9,7 @@ import pytest
 from recsys_spark.config import Settings, describe_settings, load_settings
 from recsys_spark.errors import ConfigError
 from recsys_spark.spark import work_dir
+from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,3 +200,12 @@ def test_local_session_reads_parquet_through_the_heap(spark) -> None:
     # Vectored reads would buffer column chunks off-heap, beyond driver_memory (docs/benchmarks.md).
     hadoop = spark.sparkContext._jsc.hadoopConfiguration()
     assert hadoop.get("parquet.hadoop.vectored.io.enabled") == "false"
+
+
+def test_a_local_delta_session_rebuilds_table_state_in_as_few_tasks_as_it_shuffles(tmp_path) -> None:
+    from recsys_spark.spark import session_conf
+
+    local = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.shuffle_partitions=3"))
+    assert local["spark.databricks.delta.snapshotPartitions"] == "3"
+    on_a_cluster = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.master=null"))
+    assert "spark.databricks.delta.snapshotPartitions" not in on_a_cluster  # Delta's own default there
