@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--items", type=_positive_int, default=5_000)
     gen.add_argument("--days", type=_positive_int, default=7)
     gen.add_argument("--seed", type=_non_negative_int, default=0)
-    gen.add_argument("--out", required=True, help="output file")
+    gen.add_argument("--out", required=True, help="output file (a folder with --daily)")
     gen.add_argument("--format", choices=("taobao", "jsonl"), default="taobao")
     gen.add_argument("--malformed-rate", type=float, default=0.0, help="share of bad rows mixed in")
+    gen.add_argument("--daily", action="store_true",
+                     help="one folder per day: OUT/date=YYYY-MM-DD/events.csv (or .jsonl)")
 
     ing = command("ingest", _ingest, "ingest a behaviour log into bronze/silver Delta tables")
     ing.add_argument("--format", choices=INPUT_FORMATS, required=True)
@@ -264,15 +266,16 @@ def _generate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     try:
         cfg = GeneratorConfig(users=args.users, items=args.items, days=args.days, seed=args.seed)
-        report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate)
+        report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate, daily=args.daily)
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     except OSError as exc:
         raise RecsysError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
     _say(args, f"wrote {report.lines:,} lines ({report.events:,} events, {report.malformed:,} "
-               f"malformed) to {report.path}")
+               f"malformed) to {report.path}" + (f" in {report.files} day folders" if args.daily else ""))
     return {
         "path": report.path,
+        "files": report.files,
         "format": report.format,
         "events": report.events,
         "malformed": report.malformed,

@@ -64,6 +64,17 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
         k for k in keys if k["key"] == "storage.engine").items()
 
 
+def test_generate_daily_writes_one_folder_per_day(tmp_path: Path) -> None:
+    result = run(str(RECSYS), "generate", "--users", "50", "--items", "40", "--days", "3", "--daily",
+                 "--out", str(tmp_path / "landing"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    days = sorted(p.name for p in (tmp_path / "landing").iterdir())
+    assert days == ["date=2017-11-25", "date=2017-11-26", "date=2017-11-27"] and report["files"] == 3
+    lines = sum(len((tmp_path / "landing" / d / "events.csv").read_text().splitlines()) for d in days)
+    assert lines == report["lines"] > 0
+
+
 @pytest.mark.parametrize(
     "argv",
     [
