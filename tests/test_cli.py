@@ -124,14 +124,16 @@ def test_root_that_cannot_be_created_is_one_line_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [("tables",), ("history", "silver/events"), ("recommend", "--user", "1"),
-                                  ("maintain", "--vacuum"), ("evaluate",), ("promote", "--version", "1"), ("ui",)])
+                                  ("maintain", "--vacuum"), ("evaluate",), ("promote", "--version", "1"), ("ui",),
+                                  ("gate",), ("stream-status",)])
 def test_a_mistyped_root_fails_instead_of_becoming_an_empty_lakehouse(argv: tuple[str, ...], tmp_path: Path) -> None:
     result = run(str(RECSYS), *argv, "--root", str(tmp_path / "typo"), "--json")
     message = f"no lakehouse at {tmp_path / 'typo'}: check --root, or run `recsys ingest` first"
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {message}"
     # with --json the last line of standard output says so too
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"error": message, "exit_code": 1}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"error": message, "exit_code": 1,
+                                                                  "error_type": "RecsysError"}
     assert not (tmp_path / "typo").exists()
 
 

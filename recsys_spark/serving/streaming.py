@@ -70,6 +70,7 @@ from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
 from recsys_spark.logs import get_logger, log_event
 from recsys_spark.serving.scoring import NEARLINE, RuleScorer, champion_version, load_champion
+from recsys_spark.serving.stream_guard import hold_query_lock
 from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse
 from recsys_spark.storage.delta_rs import arrow_dataset
@@ -455,8 +456,17 @@ def run_stream(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run the query until stopped (Ctrl-C / SIGTERM), ``until_idle`` seconds without new data,
-    or ``timeout`` seconds; finishes the data already landed before stopping."""
-    query = start_stream(spark, lake, settings)
+    or ``timeout`` seconds; finishes the data already landed before stopping. One query runs per
+    checkpoint: a second one fails with ``StreamAlreadyRunningError`` (see ``stream_guard``)."""
+    with hold_query_lock(checkpoint_dir(settings)) as record_phase:
+        query = start_stream(spark, lake, settings)
+        record_phase("running")
+        return _run_until_stopped(query, settings, until_idle=until_idle, timeout=timeout)
+
+
+def _run_until_stopped(
+    query: StreamingQuery, settings: Settings, *, until_idle: float | None, timeout: float | None
+) -> dict[str, Any]:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
