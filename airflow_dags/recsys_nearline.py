@@ -19,8 +19,8 @@ from recsys_airflow import (
     DEFAULT_ARGS,
     SETTING_PARAMS,
     common_args,
+    driver_conf,
     job_environment,
-    local_driver_conf,
     project_venv,
     run_recsys,
     setting,
@@ -58,7 +58,7 @@ def _launch(params: dict[str, Any], log_path: Path) -> subprocess.Popen[bytes]:
         if params.get(f"stream_{option}"):
             extra += [f"--{option}", params[f"stream_{option}"]]
     hook = SparkSubmitHook(conn_id=conn_id, name="recsys-stream", driver_memory=params.get("driver_memory") or None,
-                           conf=local_driver_conf(params, master), application_args=[*extra, *common_args(params, master)])
+                           conf=driver_conf(params, master), application_args=[*extra, *common_args(params, master)])
     command = hook._build_spark_submit_command(str(Path(setting("project", params)) / "jobs" / "stream_score.py"))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:

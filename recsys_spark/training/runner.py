@@ -469,23 +469,25 @@ def run_gate(lake: Lakehouse, settings: Settings, *, version: str | None = None)
     client = connect(settings)
     found = registered_version(client, settings.mlflow.registered_model, version)
     version, run_id = str(found.version), found.run_id
-    run = client.get_run(run_id)
-    metric = settings.evaluation.gate_metric
-    value = run.data.metrics.get(metric_key(f"test_{metric}"))
-    best_state = checkpoint_dir(settings, run_id) / BEST
-    if value is None or "data.version" not in run.data.params:
-        raise RegistryError(f"run {run_id} of version {version} recorded no test {metric} or no data version")
-    if "gate.decision" not in found.tags and not best_state.is_file():
-        raise RegistryError(f"the checkpoint of run {run_id} ({best_state}) is gone: cannot check the weights")
-    data = load_training_data(lake, settings, version=int(run.data.params["data.version"]))
-    result = {"test": {metric: value}, "best_state_path": str(best_state)}
-    promoted, _, _ = _gate(client, settings, data, run_id, version, result)
-    client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
+    if "gate.decision" not in found.tags:  # decided once: a rerun reports the recorded decision
+        run = client.get_run(run_id)
+        metric = settings.evaluation.gate_metric
+        value = run.data.metrics.get(metric_key(f"test_{metric}"))
+        best_state = checkpoint_dir(settings, run_id) / BEST
+        if value is None or "data.version" not in run.data.params:
+            raise RegistryError(f"run {run_id} of version {version} recorded no test {metric} or no data version")
+        if not best_state.is_file():
+            raise RegistryError(f"the checkpoint of run {run_id} ({best_state}) is gone: cannot check the weights")
+        data = load_training_data(lake, settings, version=int(run.data.params["data.version"]))
+        result = {"test": {metric: value}, "best_state_path": str(best_state)}
+        promoted, _, _ = _gate(client, settings, data, run_id, version, result)
+        client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
     tags = client.get_model_version(settings.mlflow.registered_model, version).tags
     champion = alias_version(client, settings.mlflow.registered_model, CHAMPION)
     return {  # the decision as recorded in the registry, identical on a rerun
         "registered_model": settings.mlflow.registered_model, "model_version": version, "run_id": run_id,
-        "promoted": promoted, "decision": tags.get("gate.decision"), "reason": tags.get("gate.reason"),
+        "promoted": tags.get("gate.decision") == "promoted", "decision": tags.get("gate.decision"),
+        "reason": tags.get("gate.reason"),
         "gate_metric": tags.get("gate.metric"), "challenger_value": tags.get("gate.challenger_value"),
         "compared_with": tags.get("gate.champion_version") or None,
         "champion_value": tags.get("gate.champion_value") or None,
