@@ -46,9 +46,9 @@ def main() -> int:
     if known.returncode != 0:
         subprocess.run([*airflow, "connections", "add", "recsys_spark", "--conn-type", "spark",
                         "--conn-host", "local[*]"], env=env, check=True, stdout=subprocess.DEVNULL)
-    # A session of its own, so that stopping it (SIGINT to the group) reaches every component.
-    standalone = subprocess.Popen([*airflow, "standalone"], env=env, start_new_session=True)
-    signal.signal(signal.SIGTERM, lambda *_: os.killpg(standalone.pid, signal.SIGINT))
+    # In this process group: Ctrl-C reaches every component, and so does a signal to the group.
+    standalone = subprocess.Popen([*airflow, "standalone"], env=env)
+    signal.signal(signal.SIGTERM, lambda *_: standalone.send_signal(signal.SIGINT))
     try:
         url = f"http://127.0.0.1:{port}"
         while standalone.poll() is None:
@@ -64,8 +64,7 @@ def main() -> int:
                   f"DAGs: recsys_daily, recsys_nearline ({PROJECT / 'airflow_dags'}). Ctrl-C stops Airflow.\n",
                   flush=True)
         return standalone.wait()
-    except KeyboardInterrupt:
-        os.killpg(standalone.pid, signal.SIGINT)
+    except KeyboardInterrupt:  # the components got the SIGINT too; standalone stops the rest
         return standalone.wait()
 
 
