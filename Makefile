@@ -14,7 +14,12 @@ JARS := .jars
 JARS_STAMP := $(JARS)/.fetched
 MVN := mvn -B -q -ntp
 
-.PHONY: setup demo test lint bench mlflow-ui clean
+# Airflow lives beside the project in a virtualenv of its own (airflow_dags/README.md).
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_LOCK := airflow_dags/requirements-airflow.lock
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+
+.PHONY: setup airflow-setup airflow demo test lint bench mlflow-ui clean
 
 setup: $(STAMP) $(JARS_STAMP)
 
@@ -36,6 +41,20 @@ $(JARS_STAMP): jars/pom.xml
 	then touch $@; \
 	else echo "note: could not fetch Delta/Kafka jars from Maven Central (mvn missing or unreachable; see $(JARS)/fetch.log): delta-rs engine only, the delta_spark tests will skip"; fi
 
+# Airflow 3 + the Apache Spark provider, exactly as locked. Never into .venv: the provider pulls
+# pyspark-client, which overwrites files of pyspark.
+airflow-setup: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): $(AIRFLOW_LOCK)
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip --disable-pip-version-check install -q -r $(AIRFLOW_LOCK)
+	$(AIRFLOW_VENV)/bin/python -m pip --disable-pip-version-check check
+	@touch $@
+
+# Airflow standalone on 127.0.0.1:$(AIRFLOW_PORT) (default 8080) with these DAGs; state in .airflow/.
+airflow: setup airflow-setup
+	$(AIRFLOW_VENV)/bin/python airflow_dags/standalone.py
+
 demo: setup
 	$(VENV)/bin/recsys demo
 
@@ -44,7 +63,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Where .venv-airflow cannot be built, one line: the tests marked airflow skip with that reason.
 test: lint
+	@$(MAKE) --no-print-directory airflow-setup || echo "note: could not build $(AIRFLOW_VENV): the airflow tests will skip"
 	$(PY) -m pytest
 
 # About 1.5 hours on 2 cores; quality needs ../shared/data/amazon_toys_sequences.txt.
@@ -59,4 +80,4 @@ mlflow-ui: setup
 	$(VENV)/bin/recsys ui $(if $(ROOT),--root $(ROOT))
 
 clean:
-	rm -rf lakehouse demo-data .pytest_cache
+	rm -rf lakehouse demo-data .pytest_cache .airflow

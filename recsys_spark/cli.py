@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--items", type=_positive_int, default=5_000)
     gen.add_argument("--days", type=_positive_int, default=7)
     gen.add_argument("--seed", type=_non_negative_int, default=0)
-    gen.add_argument("--out", required=True, help="output file")
+    gen.add_argument("--out", required=True, help="output file (a folder with --daily)")
     gen.add_argument("--format", choices=("taobao", "jsonl"), default="taobao")
     gen.add_argument("--malformed-rate", type=float, default=0.0, help="share of bad rows mixed in")
+    gen.add_argument("--daily", action="store_true",
+                     help="one folder per day: OUT/date=YYYY-MM-DD/events.csv (or .jsonl)")
 
     ing = command("ingest", _ingest, "ingest a behaviour log into bronze/silver Delta tables")
     ing.add_argument("--format", choices=INPUT_FORMATS, required=True)
@@ -102,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", _train, "train a model with TorchDistributor, log it to MLflow, gate it")
     train.add_argument("--model", choices=MODEL_NAMES, help="default: training.model")
     train.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run from its checkpoint")
+    train.add_argument("--no-gate", action="store_true",
+                       help="register the challenger without the registry decision (`recsys gate` makes it)")
+    train.add_argument("--run-key", metavar="KEY",
+                       help="idempotency key (e.g. recsys_daily/2017-11-25): a finished run of this key and "
+                            "model is returned instead of training again")
+
+    gate = command("gate", _gate, "the registry decision: promote a registered challenger if it beats the champion")
+    gate.add_argument("--version", help="registered model version (default: the newest)")
 
     base = command("baselines", _baselines, "fit and evaluate the baselines, logged to MLflow")
     base.add_argument("names", nargs="*", help=f"subset of: {', '.join(BASELINE_NAMES)} (default: all)")
@@ -119,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui = command("ui", _ui, "open the MLflow UI on 127.0.0.1 for this lakehouse's tracking store")
     ui.add_argument("--port", type=_positive_int, default=5000)
 
-    command("score-batch", _score_batch, "write every user's top-K from the champion to serving/recommendations")
+    score = command("score-batch", _score_batch,
+                    "write every user's top-K from the champion to serving/recommendations")
+    score.add_argument("--generated-at", type=_timestamp, metavar="TIME",
+                       help="the lists' generated_at (default: now); a scheduler passes its logical time, "
+                            "so a rerun writes the same rows")
 
     stream = command("stream", _stream, "run the nearline streaming query until stopped")
     stream.add_argument("--landing", help="landing folder (default: serving.stream.landing)")
@@ -127,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--until-idle", type=_positive_number, metavar="SECONDS",
                         help="stop after this long without new data")
     stream.add_argument("--timeout", type=_positive_number, metavar="SECONDS", help="stop after this long")
+
+    status = command("stream-status", _stream_status,
+                     "whether a nearline query runs, and its recent micro-batches (no Spark needed)")
+    status.add_argument("--window", type=_positive_number, default=900.0, metavar="SECONDS",
+                        help="sum up the micro-batches of the last SECONDS (default 900)")
 
     rep = command("replay", _replay, "write a log into a landing folder at a steady pace")
     rep.add_argument("--input", required=True)
@@ -175,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         if args.json:  # a scheduler reading the last stdout line learns why, too
-            print(json.dumps({"error": message, "exit_code": exc.exit_code}))
+            print(json.dumps({"error": message, "exit_code": exc.exit_code, "error_type": type(exc).__name__}))
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -263,15 +282,16 @@ def _generate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
     try:
         cfg = GeneratorConfig(users=args.users, items=args.items, days=args.days, seed=args.seed)
-        report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate)
+        report = write_log(cfg, args.out, fmt=args.format, malformed_rate=args.malformed_rate, daily=args.daily)
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     except OSError as exc:
         raise RecsysError(f"cannot write {args.out}: {exc.strerror or exc}") from exc
     _say(args, f"wrote {report.lines:,} lines ({report.events:,} events, {report.malformed:,} "
-               f"malformed) to {report.path}")
+               f"malformed) to {report.path}" + (f" in {report.files} day folders" if args.daily else ""))
     return {
         "path": report.path,
+        "files": report.files,
         "format": report.format,
         "events": report.events,
         "malformed": report.malformed,
@@ -370,12 +390,25 @@ def _train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.training.runner import run_training
 
     spark, lake = _session(settings)
-    report = run_training(spark, lake, settings, model=args.model, resume_run_id=args.resume)
-    decision = "promoted to champion" if report.promoted else f"champion stays v{report.champion_version}"
+    report = run_training(spark, lake, settings, model=args.model, resume_run_id=args.resume,
+                          gate=not args.no_gate, run_key=args.run_key)
+    decision = ("not gated yet: `recsys gate` decides" if not report.gated else "promoted to champion"
+                if report.promoted else f"champion stays v{report.champion_version}")
+    if report.reused:
+        _say(args, f"run key {report.run_key!r} already finished: reusing its run")
     _say(args, f"{report.model_name}: run {report.run_id}, registered {report.registered_model} "
                f"v{report.model_version} ({decision}); best epoch {report.best_epoch} of {report.epochs_run}")
     _say(args, f"  test  {_metric_line(report.test)}")
     return report.as_dict()
+
+
+def _gate(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.training.runner import run_gate
+
+    _, lake = _session(settings)
+    report = run_gate(lake, settings, version=args.version)
+    _say(args, f"{report['registered_model']} v{report['model_version']}: {report['decision']} ({report['reason']})")
+    return report
 
 
 def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -427,7 +460,7 @@ def _score_batch(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
     from recsys_spark.serving.scoring import score_all_users
 
     spark, lake = _session(settings)
-    report = score_all_users(spark, lake, settings)
+    report = score_all_users(spark, lake, settings, generated_at=args.generated_at)
     _say(args, f"{report['users']:,} users scored with {report['model_name']} v{report['model_version']}: "
                f"coverage {report['catalogue_coverage']:.1%}, intra-list diversity "
                f"{report['intra_list_diversity']:.3f}")
@@ -444,6 +477,23 @@ def _stream(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     spark, lake = _session(settings)
     report = run_stream(spark, lake, settings, until_idle=args.until_idle, timeout=args.timeout)
     _say(args, f"stream stopped after {report['batches']} micro-batches ({report['seconds']}s)")
+    return report
+
+
+def _stream_status(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    _require_lakehouse(settings)
+    from recsys_spark.serving.stream_guard import stream_health
+    from recsys_spark.serving.streaming import checkpoint_dir
+
+    report = stream_health(settings.root, checkpoint_dir(settings), window=timedelta(seconds=args.window))
+    holder = report["holder"] or {}
+    _say(args, f"running: pid {holder.get('pid')} since {holder.get('started_at')} ({holder.get('phase')})"
+               if report["running"] else f"not running (checkpoint {report['checkpoint']})")
+    rate = report["quarantine_rate"]
+    _say(args, f"last {args.window:g}s: {report['batches']} micro-batches, {report['rows_in']:,} rows, "
+               f"quarantined {'-' if rate is None else f'{rate:.1%}'}, worst p95 latency "
+               f"{report['latency_p95_s'] if report['latency_p95_s'] is not None else '-'}s; last batch at "
+               f"{report['last_batch_at'] or 'never'}")
     return report
 
 

@@ -82,3 +82,7 @@ class NoChampionError(RecsysError):
 
 class StreamFailedError(RecsysError):
     """The nearline query stopped on an error; its cause is in the message and the log."""
+
+
+class StreamAlreadyRunningError(RecsysError):
+    """Another nearline query holds the checkpoint's lock."""

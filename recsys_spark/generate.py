@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -85,6 +85,7 @@ class GenerationReport:
     events: int
     malformed: int
     behavior_counts: dict[str, int]
+    files: int = 1
 
     @property
     def lines(self) -> int:
@@ -272,37 +273,68 @@ def write_log(
     *,
     fmt: OutputFormat = "taobao",
     malformed_rate: float = 0.0,
+    daily: bool = False,
 ) -> GenerationReport:
-    """Generate ``cfg``'s events into ``out`` as a Taobao CSV (no header) or JSON lines."""
+    """Generate ``cfg``'s events into ``out`` as a Taobao CSV (no header) or JSON lines.
+
+    ``daily``: ``out`` is a folder that gets one folder per day, ``date=YYYY-MM-DD/events.csv``
+    (or ``.jsonl``), the way a daily export lands for a scheduler to pick up day by day.
+    """
     if not 0 <= malformed_rate < 1:
         raise ValueError(f"malformed_rate must be in [0, 1), got {malformed_rate}")
     if fmt not in ("taobao", "jsonl"):
         raise ValueError(f"unknown output format {fmt!r}; use taobao or jsonl")
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if daily and path.is_file():
+        raise ValueError(f"{path} is a file; --daily writes a folder of day folders")
     bad_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7919]))
     counts = dict.fromkeys(BEHAVIORS, 0)
-    events = malformed = 0
-    tmp = path.with_name(path.name + ".partial")
+    tally = {"events": 0, "malformed": 0, "files": 0}
+
+    def days() -> Iterator[tuple[int, list[bytes]]]:
+        for day, frame in enumerate(generate_events(cfg)):
+            lines = _render(frame, fmt, day, cfg.seed)
+            if malformed_rate > 0:
+                lines, n_bad = _inject_malformed(lines, frame, fmt, malformed_rate, bad_rng)
+                tally["malformed"] += n_bad
+            tally["events"] += len(frame)
+            for behavior, n in frame["behavior_type"].value_counts().items():
+                counts[str(behavior)] += int(n)
+            yield day, lines
+
+    if daily:
+        for day, lines in days():
+            if lines:  # a day without events gets no folder: nothing arrived that day
+                date = (cfg.start + timedelta(days=day)).date().isoformat()
+                _write_atomically(path / f"date={date}" / f"events.{_EXTENSIONS[fmt]}", [lines])
+                tally["files"] += 1
+    else:
+        _write_atomically(path, (lines for _, lines in days()))
+        tally["files"] = 1
+    report = GenerationReport(str(path), fmt, tally["events"], tally["malformed"], counts, tally["files"])
+    log_event(log, "generate.done", path=str(path), format=fmt, events=report.events,
+              malformed=report.malformed, files=report.files)
+    return report
+
+
+_EXTENSIONS: dict[str, str] = {"taobao": "csv", "jsonl": "jsonl"}
+
+
+def _write_atomically(path: Path, chunks: Iterable[list[bytes]]) -> None:
+    """Write chunks of lines to ``path`` through a hidden ``.partial`` file renamed at the end:
+    a crash never leaves a half-written log under the final name, and ingest (which skips
+    names starting with ``.``) never reads one that is still being written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
     try:
         with tmp.open("wb") as sink:
-            for day, frame in enumerate(generate_events(cfg)):
-                lines = _render(frame, fmt, day, cfg.seed)
-                if malformed_rate > 0:
-                    lines, n_bad = _inject_malformed(lines, frame, fmt, malformed_rate, bad_rng)
-                    malformed += n_bad
+            for lines in chunks:
                 if lines:  # a day without events adds no (blank) line
                     sink.write(b"\n".join(lines) + b"\n")
-                events += len(frame)
-                for behavior, n in frame["behavior_type"].value_counts().items():
-                    counts[str(behavior)] += int(n)
-        tmp.replace(path)  # a crash never leaves a half-written log under the final name
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    report = GenerationReport(str(path), fmt, events, malformed, counts)
-    log_event(log, "generate.done", path=str(path), format=fmt, events=events, malformed=malformed)
-    return report
 
 
 def _render(frame: pd.DataFrame, fmt: OutputFormat, day: int, seed: int) -> list[bytes]:

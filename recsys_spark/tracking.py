@@ -31,6 +31,7 @@ log = get_logger("tracking")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+RUN_KEY_TAG = "recsys.run_key"  # a scheduler's idempotency key of a training run
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -130,6 +131,27 @@ def log_json(client: MlflowClient, run_id: str, name: str, payload: Any) -> None
     client.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
+def load_json(client: MlflowClient, run_id: str, name: str) -> Any:
+    """An artifact ``log_json`` wrote."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(client.download_artifacts(run_id, name, folder)).read_text())
+
+
+def keyed_run(client: MlflowClient, settings: Settings, key: str, model: str) -> Any | None:
+    """The newest run of ``model`` tagged with run key ``key``, or None."""
+    if "'" in key or "\\" in key:
+        raise RegistryError(f"a run key may not hold quotes or backslashes: {key!r}")
+    found = client.get_experiment_by_name(settings.mlflow.experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`recsys.model` = '{model}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def log_learning_curves(client: MlflowClient, run_id: str, history: list[dict[str, float]], metric: str) -> None:
     """Training loss and the validation gating metric per epoch, as a PNG artifact."""
     if not history:
@@ -194,6 +216,24 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def registered_version(client: MlflowClient, name: str, version: str | None) -> Any:
+    """Version ``version`` of registered model ``name`` (default: its newest)."""
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        try:
+            return client.get_model_version(name, version)
+        except MlflowException as exc:
+            raise RegistryError(f"registered model {name!r} has no version {version!r}") from exc
+    try:
+        found = list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        found = []
+    if not found:
+        raise RegistryError(f"registered model {name!r} has no versions: run `recsys train` first")
+    return max(found, key=lambda v: int(v.version))
 
 
 def record_gate(

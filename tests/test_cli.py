@@ -75,6 +75,17 @@ def test_json_is_the_last_stdout_line(tmp_path: Path) -> None:
         k for k in keys if k["key"] == "storage.engine").items()
 
 
+def test_generate_daily_writes_one_folder_per_day(tmp_path: Path) -> None:
+    result = run(str(RECSYS), "generate", "--users", "50", "--items", "40", "--days", "3", "--daily",
+                 "--out", str(tmp_path / "landing"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    days = sorted(p.name for p in (tmp_path / "landing").iterdir())
+    assert days == ["date=2017-11-25", "date=2017-11-26", "date=2017-11-27"] and report["files"] == 3
+    lines = sum(len((tmp_path / "landing" / d / "events.csv").read_text().splitlines()) for d in days)
+    assert lines == report["lines"] > 0
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -124,14 +135,16 @@ def test_root_that_cannot_be_created_is_one_line_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [("tables",), ("history", "silver/events"), ("recommend", "--user", "1"),
-                                  ("maintain", "--vacuum"), ("evaluate",), ("promote", "--version", "1"), ("ui",)])
+                                  ("maintain", "--vacuum"), ("evaluate",), ("promote", "--version", "1"), ("ui",),
+                                  ("gate",), ("stream-status",)])
 def test_a_mistyped_root_fails_instead_of_becoming_an_empty_lakehouse(argv: tuple[str, ...], tmp_path: Path) -> None:
     result = run(str(RECSYS), *argv, "--root", str(tmp_path / "typo"), "--json")
     message = f"no lakehouse at {tmp_path / 'typo'}: check --root, or run `recsys ingest` first"
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {message}"
     # with --json the last line of standard output says so too
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"error": message, "exit_code": 1}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"error": message, "exit_code": 1,
+                                                                  "error_type": "RecsysError"}
     assert not (tmp_path / "typo").exists()
 
 

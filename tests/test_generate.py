@@ -97,3 +97,31 @@ def test_unwritable_output_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_log(GeneratorConfig(users=20, items=10, days=1, seed=0), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("fmt", ["taobao", "jsonl"])
+def test_daily_folders_hold_the_same_log_split_by_event_date(tmp_path: Path, fmt: str) -> None:
+    single = write_log(SMALL, tmp_path / "all", fmt=fmt, malformed_rate=0.02)
+    daily = write_log(SMALL, tmp_path / "days", fmt=fmt, malformed_rate=0.02, daily=True)
+    folders = sorted(p.name for p in (tmp_path / "days").iterdir())
+    assert folders == [f"date=2017-11-{25 + d}" for d in range(SMALL.days)]
+    extension = "csv" if fmt == "taobao" else "jsonl"
+    files = [tmp_path / "days" / f / f"events.{extension}" for f in folders]
+    assert [sorted(p.name for p in f.parent.iterdir()) for f in files] == [[f"events.{extension}"]] * SMALL.days
+    assert b"".join(f.read_bytes() for f in files) == (tmp_path / "all").read_bytes()
+    assert (daily.files, daily.events, daily.malformed) == (SMALL.days, single.events, single.malformed)
+    clean = write_log(SMALL, tmp_path / "clean", fmt=fmt, daily=True)
+    for folder in folders:  # every event of a day folder happened on that date (UTC)
+        lines = (tmp_path / "clean" / folder / f"events.{extension}").read_text().splitlines()
+        seconds = ([int(line.split(",")[4]) for line in lines] if fmt == "taobao"
+                   else [json.loads(line)["ts"] // 1000 for line in lines])
+        dates = {pd.Timestamp(s, unit="s").date().isoformat() for s in seconds}
+        assert dates == {folder.removeprefix("date=")}
+    assert clean.events == single.events
+
+
+def test_daily_into_an_existing_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_text("x\n")
+    with pytest.raises(ValueError, match="is a file"):
+        write_log(SMALL, tmp_path / "log.csv", daily=True)
+    assert (tmp_path / "log.csv").read_text() == "x\n"

@@ -215,10 +215,13 @@ def _score_partition(
         })
 
 
-def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) -> dict[str, Any]:
+def score_all_users(
+    spark: SparkSession, lake: Lakehouse, settings: Settings, *, generated_at: datetime | None = None
+) -> dict[str, Any]:
     """Top-K for every user of gold/user_sequences into serving/recommendations (source=batch),
     replacing the previous batch rows in one commit; nearline rows are left alone. Bought means
-    bought in silver or seen bought by the stream (serving/user_state), which may be ahead."""
+    bought in silver or seen bought by the stream (serving/user_state), which may be ahead.
+    ``generated_at`` stamps the rows (default: now)."""
     started = time.perf_counter()
     champion = load_champion(settings)
     scorer = RuleScorer.build(lake, settings, champion)
@@ -231,7 +234,7 @@ def score_all_users(spark: SparkSession, lake: Lakehouse, settings: Settings) ->
     else:
         users = users.withColumn("stream_bought", F.lit(None).cast("array<long>"))
     job = partial(_score_partition, settings=settings, version=champion.version, catalogue=scorer.catalogue,
-                  rules=scorer.rules, generated_at=datetime.now(UTC))
+                  rules=scorer.rules, generated_at=generated_at or datetime.now(UTC))
     rows = users.join(bought, USER_IDX, "left").mapInPandas(job, from_arrow_schema(RECOMMENDATION_SCHEMA))
     written = lake.write(rows, SERVING_RECOMMENDATIONS, mode="overwrite", partition_by=(SOURCE,),
                          partition_filters=[(SOURCE, "=", BATCH_SOURCE)],

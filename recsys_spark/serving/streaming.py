@@ -93,6 +93,7 @@ from recsys_spark.serving.schemas import (
     USER_STATE_SCHEMA,
 )
 from recsys_spark.serving.scoring import RuleScorer, champion_version, load_champion
+from recsys_spark.serving.stream_guard import hold_query_lock
 from recsys_spark.spark import literal_path
 from recsys_spark.storage import Idempotency, Lakehouse, read_table, table_version
 
@@ -433,8 +434,17 @@ def run_stream(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run the query until stopped (Ctrl-C / SIGTERM), ``until_idle`` seconds without new data,
-    or ``timeout`` seconds; finishes the data already landed before stopping."""
-    query = start_stream(spark, lake, settings)
+    or ``timeout`` seconds; finishes the data already landed before stopping. One query runs per
+    checkpoint: a second one fails with ``StreamAlreadyRunningError`` (see ``stream_guard``)."""
+    with hold_query_lock(checkpoint_dir(settings)) as record_phase:
+        query = start_stream(spark, lake, settings)
+        record_phase("running")
+        return _run_until_stopped(query, settings, until_idle=until_idle, timeout=timeout)
+
+
+def _run_until_stopped(
+    query: StreamingQuery, settings: Settings, *, until_idle: float | None, timeout: float | None
+) -> dict[str, Any]:
     log_event(log, "stream.start", landing=landing_dir(settings), checkpoint=checkpoint_dir(settings))
     stop = threading.Event()
     with _stop_on_sigterm(stop):

@@ -37,8 +37,9 @@ from recsys_spark.constants import (
     TRAIN,
     USER_ID,
     USER_IDX,
+    metric_key,
 )
-from recsys_spark.errors import ConfigError, RecsysError, TrainingFailedError
+from recsys_spark.errors import ConfigError, RecsysError, RegistryError, TrainingFailedError
 from recsys_spark.evaluation.evaluate import evaluate_registered
 from recsys_spark.logs import get_logger, log_event, log_event_at
 from recsys_spark.modeling.gold import TrainingData, load_training_data
@@ -49,11 +50,14 @@ from recsys_spark.spark import work_dir
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import (
     CHAMPION,
+    RUN_KEY_TAG,
     alias_version,
     connect,
     experiment_id,
     flatten,
     fluent_store,
+    keyed_run,
+    load_json,
     log_final_metrics,
     log_json,
     log_learning_curves,
@@ -61,9 +65,10 @@ from recsys_spark.tracking import (
     log_params,
     model_uri,
     record_gate,
+    registered_version,
     tracking_uri,
 )
-from recsys_spark.training.loop import TrainJob, TrainResult, train_worker
+from recsys_spark.training.loop import BEST, TrainJob, TrainResult, train_worker
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -73,6 +78,7 @@ log = get_logger("train")
 
 
 MODEL_ARTIFACT = "recommender"
+REPORT_ARTIFACT = "report/train.json"  # the run's TrainingReport, returned again for its run key
 
 
 @dataclass
@@ -92,6 +98,9 @@ class TrainingReport:
     world_size: int
     seconds: float
     data: dict[str, Any]
+    gated: bool = True
+    run_key: str | None = None
+    reused: bool = False  # a finished run of the same run key, returned as it was recorded
 
     def as_dict(self) -> dict[str, Any]:
         result = asdict(self)
@@ -157,8 +166,15 @@ def run_training(
     *,
     model: str | None = None,
     resume_run_id: str | None = None,
+    gate: bool = True,
+    run_key: str | None = None,
 ) -> TrainingReport:
     """Train ``model`` on the gold table, log everything to MLflow, register and gate it.
+
+    ``gate=False`` registers the challenger without the registry decision (``run_gate`` makes
+    it later). ``run_key`` (a scheduler's "model of day D") makes a rerun idempotent: a finished
+    run of the same key and model is returned as it was recorded, and an unfinished one that
+    got as far as recording its data is resumed, so a key never registers a second model.
 
     Raises:
         ConfigError: unknown model, or hyperparameters that cannot build a model.
@@ -168,19 +184,29 @@ def run_training(
     started = time.perf_counter()
     name = resolve_model(settings, model)
     client = connect(settings)
+    if run_key is not None and resume_run_id is None:
+        previous = keyed_run(client, settings, run_key, name)
+        if previous is not None and previous.info.status == "FINISHED":
+            recorded = load_json(client, previous.info.run_id, REPORT_ARTIFACT)
+            log_event(log, "train.reused", run_id=previous.info.run_id, run_key=run_key)
+            return TrainingReport(**recorded | {"reused": True})
+        if previous is not None and "data.version" in previous.data.params:
+            resume_run_id = previous.info.run_id
     # A resumed run continues on the data version it started with, under the same settings.
     pinned = None if resume_run_id is None else _resumable(client, settings, name, resume_run_id)
     data = load_training_data(lake, settings, version=pinned)
     spec = build_spec(lake, settings, name, data)
-    run_id = _open_run(client, settings, name, resume_run_id)
+    run_id = _open_run(client, settings, name, resume_run_id, run_key)
     try:
         report = _train_and_register(spark, lake, settings, client, run_id, spec, data,
-                                     resume=resume_run_id is not None)
+                                     resume=resume_run_id is not None, gate=gate)
+        report.seconds = round(time.perf_counter() - started, 1)
+        report.run_key = run_key
+        log_json(client, run_id, REPORT_ARTIFACT, asdict(report))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    report.seconds = round(time.perf_counter() - started, 1)
     return report
 
 
@@ -225,10 +251,13 @@ def _resumable(client: MlflowClient, settings: Settings, name: str, run_id: str)
     return int(logged["data.version"])
 
 
-def _open_run(client: MlflowClient, settings: Settings, name: str, resume_run_id: str | None) -> str:
+def _open_run(
+    client: MlflowClient, settings: Settings, name: str, resume_run_id: str | None, run_key: str | None
+) -> str:
     if resume_run_id is None:
+        keyed = {} if run_key is None else {RUN_KEY_TAG: run_key}
         run = client.create_run(experiment_id(client, settings), run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"recsys.kind": "model", "recsys.model": name})
+                                tags={"recsys.kind": "model", "recsys.model": name, **keyed})
         return run.info.run_id
     client.update_run(resume_run_id, status="RUNNING")
     return resume_run_id
@@ -271,6 +300,7 @@ def _train_and_register(
     data: TrainingData,
     *,
     resume: bool,
+    gate: bool = True,
 ) -> TrainingReport:
     data_record = data.record()
     if not resume:
@@ -291,27 +321,31 @@ def _train_and_register(
     # A resumed run that had registered its model before failing (in the gate) registers no twin.
     version = (_registered_version(client, settings, run_id) if resume else None) or _log_models(
         lake, settings, client, run_id, spec, data, Path(result.best_state_path))
-    gate = settings.evaluation.gate_metric
-    promoted, champion, champion_value = _gate(client, settings, data, run_id, version, result)
+    promoted, champion, champion_value = (
+        _gate(client, settings, data, run_id, version, result.test[settings.evaluation.gate_metric],
+              Path(result.best_state_path)) if gate else (False, None, None))
     client.set_tag(run_id, "recsys.model_version", version)
-    client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
-    log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted,
+    if gate:
+        client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
+    log_event(log, "train.done", run_id=run_id, version=version, promoted=promoted, gated=gate,
               **{f"test_{k}": round(v, 5) for k, v in result.test.items() if k in ("ndcg@10", "hit@10")})
     return TrainingReport(
         run_id=run_id, model_name=spec.name, model_version=version,
         registered_model=settings.mlflow.registered_model, test=result.test,
         validation=result.validation, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
         promoted=promoted, champion_version=None if champion is None else str(champion.version),
-        champion_value=champion_value, gate_metric=gate, world_size=result.world_size, seconds=0.0,
-        data=data_record,
+        champion_value=champion_value, gate_metric=settings.evaluation.gate_metric,
+        world_size=result.world_size, seconds=0.0, data=data_record, gated=gate,
     )
 
 
 def _gate(
-    client: MlflowClient, settings: Settings, data: TrainingData, run_id: str, version: str, result: TrainResult
+    client: MlflowClient, settings: Settings, data: TrainingData, run_id: str, version: str,
+    challenger_value: float, best_state: Path,
 ) -> tuple[bool, Any, float | None]:
-    """Evaluate the champion on the same test rows and let ``record_gate`` decide; returns
-    (promoted, the champion before, its value)."""
+    """Evaluate the champion on the same test rows and let ``record_gate`` decide between it and
+    the challenger (its test value, its best weights); returns (promoted, the champion before,
+    its value)."""
     name, gate = settings.mlflow.registered_model, settings.evaluation.gate_metric
     champion = alias_version(client, name, CHAMPION)
     recorded = client.get_model_version(name, version).tags
@@ -331,8 +365,7 @@ def _gate(
             champion_value = evaluate_registered(
                 loaded, data.slice(TEST), num_items=data.num_items, ks=settings.evaluation.ks,
                 mask_seen=data.mask_seen, batch_size=settings.evaluation.batch_size)[gate]
-    challenger_value = result.test[gate]
-    if not _finite_weights(Path(result.best_state_path)):
+    if not _finite_weights(best_state):
         # Metrics treat NaN scores as the worst rank, so a diverged model still has finite ones.
         challenger_value = float("nan")
         log_event_at(log, logging.WARNING, "train.diverged", run_id=run_id, version=version)
@@ -340,6 +373,45 @@ def _gate(
     promoted = record_gate(client, settings, version, challenger_value, champion, champion_value, eval_set,
                            champion_error=champion_error)
     return promoted, champion, champion_value
+
+
+def run_gate(lake: Lakehouse, settings: Settings, *, version: str | None = None) -> dict[str, Any]:
+    """The registry decision for a registered ``version`` (default: the newest), as
+    ``recsys train`` makes it, for challengers registered with ``gate=False``.
+
+    The challenger's test value is the one its run logged; the champion is evaluated on the
+    same test rows (the gold version the challenger trained on). A version already decided
+    keeps its decision, so a rerun changes nothing.
+
+    Raises:
+        RegistryError: no such version, or its run lacks what the gate needs.
+    """
+    client = connect(settings)
+    found = registered_version(client, settings.mlflow.registered_model, version)
+    version, run_id = str(found.version), found.run_id
+    if "gate.decision" not in found.tags:  # decided once: a rerun reports the recorded decision
+        run = client.get_run(run_id)
+        metric = settings.evaluation.gate_metric
+        value = run.data.metrics.get(metric_key(f"test_{metric}"))
+        best_state = checkpoint_dir(settings, run_id) / BEST
+        if value is None or "data.version" not in run.data.params:
+            raise RegistryError(f"run {run_id} of version {version} recorded no test {metric} or no data version")
+        if not best_state.is_file():
+            raise RegistryError(f"the checkpoint of run {run_id} ({best_state}) is gone: cannot check the weights")
+        data = load_training_data(lake, settings, version=int(run.data.params["data.version"]))
+        promoted, _, _ = _gate(client, settings, data, run_id, version, value, best_state)
+        client.set_tag(run_id, "recsys.promoted", str(promoted).lower())
+    tags = client.get_model_version(settings.mlflow.registered_model, version).tags
+    champion = alias_version(client, settings.mlflow.registered_model, CHAMPION)
+    return {  # the decision as recorded in the registry, identical on a rerun
+        "registered_model": settings.mlflow.registered_model, "model_version": version, "run_id": run_id,
+        "promoted": tags.get("gate.decision") == "promoted", "decision": tags.get("gate.decision"),
+        "reason": tags.get("gate.reason"),
+        "gate_metric": tags.get("gate.metric"), "challenger_value": tags.get("gate.challenger_value"),
+        "compared_with": tags.get("gate.champion_version") or None,
+        "champion_value": tags.get("gate.champion_value") or None,
+        "champion_version": None if champion is None else str(champion.version),
+    }
 
 
 def _finite_weights(state_path: Path) -> bool:
