@@ -388,15 +388,20 @@ def test_a_backfill_runs_the_days_in_order_and_gives_the_same_tables(world: Worl
     # bronze and quarantine rows record when they arrived (ingested_at, ingest_date): the rest is equal
     expected, actual = (snapshot(r, without=("ingested_at", "ingest_date")) for r in (world.root, backfilled))
     assert registry(backfilled) == registry(world.root)
-    served = "serving/recommendations"
-    assert {t: rows for t, rows in actual.items() if t != served} == {
-        t: rows for t, rows in expected.items() if t != served}
-    # the lists: the same users, model version and time (the scores are those of a model trained in
-    # another process; see airflow_dags/README.md on training determinism)
+    served, embedded = "serving/recommendations", "serving/item_embeddings"
+    assert {t: rows for t, rows in actual.items() if t not in (served, embedded)} == {
+        t: rows for t, rows in expected.items() if t not in (served, embedded)}
+    # what the model computed: the same users, items, model version, time and sizes (the numbers are
+    # those of a model trained in another process; see airflow_dags/README.md on training determinism)
     def lists(root: Path) -> list[tuple]:
         return sorted((r["user_id"], r["source"], r["model_version"], str(r["generated_at"]), len(r["item_ids"]))
                       for r in rows(root, served))
+
+    def embeddings(root: Path) -> list[tuple]:
+        return sorted((r["item_id"], r["item_idx"], r["model_name"], r["model_version"], len(r["embedding"]))
+                      for r in rows(root, embedded))
     assert lists(backfilled) == lists(world.root)
+    assert embeddings(backfilled) == embeddings(world.root)
     logs = list((home / "logs").rglob("*.log"))
     assert any("task_id=ingest" in str(p) for p in logs)  # the scheduler's runs keep task logs
 

@@ -92,13 +92,13 @@ def test_score_batch_stamped_with_a_given_time_rewrites_identical_rows(gold_root
 
 
 def _metrics(rows: list[tuple[datetime, int, int, float]]) -> pa.Table:
-    from recsys_spark.serving.streaming import METRICS_SCHEMA
+    from recsys_spark.serving.schemas import STREAM_METRICS_SCHEMA
 
     return pa.Table.from_pylist([
         {"batch_id": i, "committed_at": at, "rows_in": n, "rows_clean": n - q, "rows_quarantined": q,
          "users_updated": 1, "latency_p50_s": p95 / 2, "latency_p95_s": p95, "latency_max_s": p95,
          "processing_s": 0.5, "model_version": "1"} for i, (at, n, q, p95) in enumerate(rows)
-    ], schema=METRICS_SCHEMA)
+    ], schema=STREAM_METRICS_SCHEMA)
 
 
 def test_one_query_per_checkpoint_and_its_status(tmp_path: Path, capsys) -> None:
