@@ -105,9 +105,11 @@ def load_registered_model(model_uri: str, tracking_uri: str) -> RecommenderModel
         )
     expected: dict[str, str] = json.loads(recorded)
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=folder, tracking_uri=tracking_uri,
-            registry_uri=tracking_uri))
+        # The version's own files, not models:/NAME/V: MLflow resolves a models:/ URI through the
+        # process-wide registry URI whatever registry_uri is passed (a fresh process got "not found").
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder,
+                                                         tracking_uri=tracking_uri))
         paths = {}
         for key, file_name in ARTIFACT_FILES.items():
             if file_name not in expected:
