@@ -19,7 +19,7 @@ from recsys_spark.features import build_features
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.ingest import run_ingest
 from recsys_spark.serving.lookup import RecommendationLookup
-from recsys_spark.serving.replay import replay
+from recsys_spark.serving.replay import LandingFolder, replay
 from recsys_spark.serving.scoring import score_all_users
 from recsys_spark.serving.streaming import checkpoint_dir, landing_dir, run_stream
 from recsys_spark.spark import get_spark, work_dir
@@ -92,7 +92,7 @@ def run_demo(
     landing = landing_dir(settings)
     for folder in (landing, checkpoint_dir(settings)):  # a rerun of the demo starts its stream afresh
         shutil.rmtree(folder, ignore_errors=True)
-    replay(stream_log, "jsonl", landing, rate=NEARLINE_EVENTS, limit=NEARLINE_EVENTS)
+    replay(stream_log, "jsonl", LandingFolder(landing, "jsonl"), rate=NEARLINE_EVENTS, limit=NEARLINE_EVENTS)
     user = _first_known_user(stream_log, RecommendationLookup(settings.root))
     before = RecommendationLookup(settings.root).get(user, 5)
     streamed = run_stream(spark, lake, settings, until_idle=5)

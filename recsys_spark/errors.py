@@ -82,3 +82,11 @@ class NoChampionError(RecsysError):
 
 class StreamFailedError(RecsysError):
     """The nearline query stopped on an error; its cause is in the message and the log."""
+
+
+class KafkaUnavailableError(RecsysError):
+    """The Kafka cluster cannot be reached, or refused a topic operation or a message."""
+
+
+class BrokerError(RecsysError):
+    """The local Kafka broker (``recsys broker``) cannot be started or stopped."""

@@ -52,7 +52,9 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from recsys_spark.spark import get_spark
 
     engine = "delta-spark" if HAVE_DELTA_JARS else "delta-rs"
-    session = get_spark(make_settings(tmp_path_factory.mktemp("spark"), f"storage.engine={engine}"))
+    # a Kafka source's session: the connector's jars too, for the kafka tests' in-process queries
+    session = get_spark(make_settings(tmp_path_factory.mktemp("spark"), f"storage.engine={engine}",
+                                      "serving.stream.source=kafka"))
     yield session
     session.stop()
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark.errors import AnalysisException
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
@@ -78,7 +79,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
-from recsys_spark.errors import ConfigError, ModelIntegrityError, StreamFailedError
+from recsys_spark.errors import EngineUnavailableError, ModelIntegrityError, StreamFailedError
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
@@ -399,21 +400,43 @@ class NearlineSink:
 
 
 def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
-    """The stream of raw lines: ``value`` (the line) and ``file`` (where it came from)."""
+    """The stream of raw lines: ``value`` (the line) and ``file`` (where it came from: the file,
+    or ``kafka:<topic>/<partition>/<offset>``)."""
     cfg = settings.serving.stream
     if cfg.source == "kafka":
-        if not (cfg.kafka_bootstrap_servers and cfg.kafka_topic):
-            raise ConfigError("serving.stream.source=kafka needs kafka_bootstrap_servers and kafka_topic")
-        frame = (spark.readStream.format("kafka")
-                 .option("kafka.bootstrap.servers", cfg.kafka_bootstrap_servers)
-                 .option("subscribe", cfg.kafka_topic).option("startingOffsets", "earliest").load())
-        return frame.select(F.col("value").cast("string").alias("value"),
+        reader = spark.readStream.format("kafka").options(**kafka_options(settings))
+        try:
+            frame = reader.load()
+        except AnalysisException as exc:
+            if "kafka" in str(exc).lower() and "data source" in str(exc).lower():
+                where = Path(settings.spark.jars_dir).resolve() if settings.spark.jars_dir else "unset"
+                raise EngineUnavailableError(
+                    f"serving.stream.source=kafka needs Spark's Kafka connector, which is not on the classpath "
+                    f"(spark.jars_dir: {where}; `make setup` fetches it)") from exc
+            raise
+        # A message without a value (a tombstone) is an empty line: quarantined like one.
+        return frame.select(F.coalesce(F.col("value").cast("string"), F.lit("")).alias("value"),
                             F.format_string("kafka:%s/%d/%d", "topic", "partition", "offset").alias("file"))
     landing = landing_dir(settings)
     Path(landing).mkdir(parents=True, exist_ok=True)
     frame = (spark.readStream.format("text").option("maxFilesPerTrigger", cfg.max_files_per_trigger)
              .load(literal_path(landing)))
     return frame.select("value", F.col("_metadata.file_path").alias("file"))
+
+
+def kafka_options(settings: Settings) -> dict[str, str]:
+    """The options of Spark's Kafka source for ``serving.stream.kafka``."""
+    kafka = settings.serving.stream.kafka
+    options = {
+        "kafka.bootstrap.servers": settings.kafka_bootstrap_servers,
+        "subscribe": kafka.topic,
+        "startingOffsets": kafka.starting_offsets,
+        "failOnDataLoss": str(kafka.fail_on_data_loss).lower(),
+        **kafka.options,
+    }
+    if kafka.max_offsets_per_trigger is not None:
+        options["maxOffsetsPerTrigger"] = str(kafka.max_offsets_per_trigger)
+    return options
 
 
 def start_stream(spark: SparkSession, lake: Lakehouse, settings: Settings) -> StreamingQuery:
@@ -435,7 +458,10 @@ def run_stream(
     """Run the query until stopped (Ctrl-C / SIGTERM), ``until_idle`` seconds without new data,
     or ``timeout`` seconds; finishes the data already landed before stopping."""
     query = start_stream(spark, lake, settings)
-    log_event(log, "stream.start", landing=landing_dir(settings), checkpoint=checkpoint_dir(settings))
+    cfg = settings.serving.stream
+    source = ({"topic": cfg.kafka.topic, "bootstrap_servers": settings.kafka_bootstrap_servers}
+              if cfg.source == "kafka" else {"landing": landing_dir(settings)})
+    log_event(log, "stream.start", **source, checkpoint=checkpoint_dir(settings))
     stop = threading.Event()
     with _stop_on_sigterm(stop):
         started = time.monotonic()
@@ -444,7 +470,7 @@ def run_stream(
     if query.exception() is not None:
         raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
     return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
-            "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}
+            "checkpoint": checkpoint_dir(settings), **source}
 
 
 @contextmanager
