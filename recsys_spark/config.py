@@ -284,8 +284,11 @@ class MlflowSettings(_Section):
     )
 
 
-# Consumer options Spark's Kafka source manages itself and refuses (its integration guide).
-_SPARK_MANAGED_KAFKA_OPTIONS = (
+# Options of Spark's Kafka source that serving.stream.kafka sets from its own keys, and consumer
+# settings the source manages itself and refuses (its integration guide); lower case: Spark
+# reads source options case-insensitively.
+_KAFKA_OPTIONS_NOT_PASSED = (
+    "subscribe", "subscribepattern", "assign", "startingoffsets", "maxoffsetspertrigger", "failondataloss",
     "kafka.bootstrap.servers", "kafka.auto.offset.reset", "kafka.enable.auto.commit", "kafka.key.deserializer",
     "kafka.value.deserializer", "kafka.interceptor.classes",
 )
@@ -312,19 +315,19 @@ class KafkaSourceSettings(_Section):
         "deleted or recreated, or retention removed them); false skips them with a warning in the log.",
     )
     options: dict[str, str] = Field(
-        default_factory=dict, description="Further options of Spark's Kafka source, passed through: Kafka "
+        default_factory=dict, description="Further options of Spark's Kafka source, passed as they are: Kafka "
         "consumer settings as kafka.<name> (security: kafka.security.protocol, kafka.sasl.mechanism, "
-        "kafka.sasl.jaas.config, kafka.ssl.truststore.location, ...).",
+        "kafka.sasl.jaas.config, kafka.ssl.truststore.location, ...), or the source's own (minPartitions, "
+        "fetchOffset.numRetries, groupIdPrefix, ...).",
     )
 
     @field_validator("options")
     @classmethod
-    def _consumer_options(cls, value: dict[str, str]) -> dict[str, str]:
+    def _passed_options(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not key.startswith("kafka."):
-                raise ValueError(f"{key!r}: only Kafka consumer settings (kafka.<name>) are passed through")
-            if key in _SPARK_MANAGED_KAFKA_OPTIONS:
-                raise ValueError(f"{key!r} is set by its own key or managed by Spark's Kafka source")
+            if key.lower() in _KAFKA_OPTIONS_NOT_PASSED:
+                raise ValueError(f"{key!r} is set by its own key of serving.stream.kafka, or managed by Spark's "
+                                 "Kafka source")
         return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,11 @@ ENGINES = [
     pytest.param("delta-spark", id="delta-spark", marks=[
         pytest.mark.delta_spark, pytest.mark.skipif(not HAVE_DELTA_JARS, reason=NO_DELTA_JARS)]),
 ]
+
+
+QUIET = ["--set", "logging.level=WARNING"]
+TINY = ["--set", "training.epochs=2", "--set", "training.sasrec.dim=16", "--set", "training.sasrec.ffn_dim=32",
+        "--set", "training.num_processes=1", *QUIET]
 
 
 def make_settings(root: Path, *extra: str) -> Settings:
@@ -102,3 +108,21 @@ def build_gold_lakehouse(folder: Path, *, users: int, items: int, seed: int) -> 
     assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
     assert main(["features", "--root", root, *quiet]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def served(spark, tmp_path_factory) -> dict:
+    """A lakehouse with gold tables and a registered sasrec champion, a pristine copy of it (tests
+    that write copy that), and a fresh log of the same users and items to stream."""
+    from recsys_spark.cli import main
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    folder = tmp_path_factory.mktemp("serving")
+    root = build_gold_lakehouse(folder, users=200, items=150, seed=11)
+    assert main(["train", "--model", "sasrec", "--root", root, *TINY]) == 0
+    pristine = folder / "pristine"
+    shutil.copytree(root, pristine)
+    stream_log = folder / "stream.jsonl"
+    write_log(GeneratorConfig(users=200, items=150, days=1, seed=12), stream_log, fmt="jsonl",
+              malformed_rate=0.05)
+    return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}

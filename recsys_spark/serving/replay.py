@@ -37,7 +37,10 @@ log = get_logger("replay")
 TICK_SECONDS = 0.5
 MAX_SECONDS = 366 * 86_400
 DEFAULT_PARTITIONS = 3
-KAFKA_TIMEOUT_SECONDS = 30.0
+KAFKA_TIMEOUT_SECONDS = 30.0  # topic metadata and creation
+# A message not acknowledged within this long fails the replay; until then the producer retries
+# (a broker restarting, a leader moving) and the replay waits for it at the end.
+DELIVERY_TIMEOUT_SECONDS = 300.0
 
 
 @dataclass
@@ -108,6 +111,7 @@ class KafkaTopic:
             "bootstrap.servers": self.bootstrap_servers, "client.id": "recsys-replay",
             # retries after a lost broker never store a message twice, and keep each partition's order
             "enable.idempotence": True, "linger.ms": 5, "logger": log,
+            "message.timeout.ms": int(DELIVERY_TIMEOUT_SECONDS * 1000),
         }
         self._producer = Producer(config)
 
@@ -130,9 +134,9 @@ class KafkaTopic:
     def close(self) -> None:
         if self._producer is None:
             return
-        pending = self._producer.flush(KAFKA_TIMEOUT_SECONDS)
+        pending = self._producer.flush(DELIVERY_TIMEOUT_SECONDS + 10)  # each message succeeds or fails by then
         if pending or self._failed:
-            cause = self._failed[0] if self._failed else f"{pending} still queued after {KAFKA_TIMEOUT_SECONDS:g} s"
+            cause = self._failed[0] if self._failed else f"{pending} still queued"
             raise KafkaUnavailableError(f"{pending + len(self._failed)} of {self.messages} messages were not "
                                         f"delivered to Kafka topic {self.topic!r} at {self.bootstrap_servers}: {cause}")
 

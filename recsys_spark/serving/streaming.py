@@ -25,12 +25,13 @@ lineage: every table's content equals an uninterrupted run's, not which batch wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.errors import AnalysisException
+from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
@@ -468,12 +469,38 @@ def run_stream(
         batches = _watch(query, stop, started, until_idle=until_idle, timeout=timeout)
         log_event(log, "stream.stop", batches=batches, seconds=round(time.monotonic() - started, 1))
     if query.exception() is not None:
-        raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
+        raise StreamFailedError(failure_message(" ".join(str(query.exception()).split()), settings))
     return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
             "checkpoint": checkpoint_dir(settings), **source}
 
 
-@contextmanager
+def failure_message(error: str, settings: Settings) -> str:
+    """One line for a failed query: what happened to a Kafka topic in words, else Spark's error
+    without the query plan it appends."""
+    error = error.split(" === Streaming Query === ")[0]
+    cfg = settings.serving.stream
+    if cfg.source != "kafka":
+        return f"nearline query failed: {error[:2000]}"
+    where = f"Kafka topic {cfg.kafka.topic!r} at {settings.kafka_bootstrap_servers}"
+    after = ("The tables hold every micro-batch committed before; restart the stream on a new checkpoint "
+             "(serving.stream.checkpoint) to read what the topic holds now")
+    if "failOnDataLoss" in error:
+        found = re.search(r"Reason: (.+?)(?: with consumer group [^ ]+)?\.(?: |$)", error)
+        reason = found[1] if found else error[:300]
+        return (f"{where} no longer holds messages the query has not read yet ({reason}): "
+                f"the topic was deleted or recreated, or retention removed them. {after}, or set "
+                "serving.stream.kafka.fail_on_data_loss=false to skip what is gone")
+    if "UnknownTopicOrPartition" in error:
+        return f"{where} (or one of its partitions) is gone: it was deleted while the query read it. {after}"
+    if "kafka.common.errors.TimeoutException" in error:
+        cause = error.split("TimeoutException: ", 1)[1][:300]
+        return (f"no Kafka broker at {settings.kafka_bootstrap_servers} answered for topic {cfg.kafka.topic!r} "
+                f"within the consumer's timeouts and retries ({cause}). Restart the stream once the cluster is "
+                "back: it resumes from its checkpoint, without losing or repeating a message")
+    return f"nearline query on {where} failed: {error[:2000]}"
+
+
+@contextlib.contextmanager
 def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
     """SIGTERM sets ``stop`` during the block (the query then finishes what has landed); the
     previous handler is back afterwards. Signals reach the main thread only."""
@@ -507,8 +534,11 @@ def _watch(query: StreamingQuery, stop: threading.Event, started: float, *, unti
                 break
     except KeyboardInterrupt:
         pass
+    except StreamingQueryException:  # the query failed: run_stream reports its exception
+        pass
     finally:
         if query.isActive:
-            query.processAllAvailable()  # commit what has landed before stopping
+            with contextlib.suppress(StreamingQueryException):  # failing now: reported the same way
+                query.processAllAvailable()  # commit what has landed before stopping
             query.stop()
     return batches
