@@ -147,27 +147,31 @@ class KafkaTopic:
 
 def ensure_topic(bootstrap_servers: str, topic: str, partitions: int) -> int:
     """Create ``topic`` with ``partitions`` partitions (the cluster's default replication) unless
-    it exists; returns its partition count."""
+    it exists; returns its partition count. A topic still being deleted is waited for."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
     config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": log}
     admin = AdminClient(config)
-    try:
-        # every topic's metadata: asking for this one alone would auto-create it on brokers that
-        # allow that, with their default partition count
-        existing = admin.list_topics(timeout=KAFKA_TIMEOUT_SECONDS).topics.get(topic)
-        if existing is not None and existing.error is None:
-            return len(existing.partitions)
-        future = admin.create_topics([NewTopic(topic, num_partitions=partitions)],
-                                     operation_timeout=KAFKA_TIMEOUT_SECONDS)[topic]
-        future.result(timeout=KAFKA_TIMEOUT_SECONDS)
-    except KafkaException as exc:
-        if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:  # created meanwhile
-            return ensure_topic(bootstrap_servers, topic, partitions)
-        raise KafkaUnavailableError(f"Kafka at {bootstrap_servers}: cannot use topic {topic!r}: {exc}") from exc
-    log_event(log, "replay.topic_created", topic=topic, partitions=partitions)
-    return partitions
+    deadline = time.monotonic() + KAFKA_TIMEOUT_SECONDS
+    while True:
+        try:
+            # every topic's metadata: asking for this one alone would auto-create it on brokers
+            # that allow that, with their default partition count
+            existing = admin.list_topics(timeout=KAFKA_TIMEOUT_SECONDS).topics.get(topic)
+            if existing is not None and existing.error is None:
+                return len(existing.partitions)
+            future = admin.create_topics([NewTopic(topic, num_partitions=partitions)],
+                                         operation_timeout=KAFKA_TIMEOUT_SECONDS)[topic]
+            future.result(timeout=KAFKA_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            # created meanwhile by another client, or not yet gone after a deletion: look again
+            if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            raise KafkaUnavailableError(f"Kafka at {bootstrap_servers}: cannot use topic {topic!r}: {exc}") from exc
+        log_event(log, "replay.topic_created", topic=topic, partitions=partitions)
+        return partitions
 
 
 # Times outside these bounds are what ingest quarantines (timestamp_out_of_range).
