@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -51,6 +52,14 @@ def make_settings(root: Path, *extra: str) -> Settings:
         root=root,
         environ={},
     )
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_of_this_test_only() -> Iterator[None]:
+    """A command run in-process points the project's log handler at the test's captured stderr;
+    a later test's in-process stream would log into that closed stream ("Logging error")."""
+    yield
+    logging.getLogger("recsys").handlers.clear()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -280,25 +279,26 @@ def test_kafka_micro_batches_do_what_the_file_source_does(spark, served, broker,
 
 
 @pytest.mark.kafka
-def test_kill_9_on_kafka_and_restart_equals_an_uninterrupted_run(served, broker, tmp_path) -> None:
+def test_kill_9_on_kafka_and_restart_equals_an_uninterrupted_run(served, broker, tmp_path, capsys) -> None:
     topic = new_topic(broker)
     replay(served["stream_log"], "jsonl", KafkaTopic(broker.bootstrap_servers, topic), rate=5000, limit=600)
     args = kafka_args(broker, topic, "serving.stream.kafka.max_offsets_per_trigger=100")
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     shutil.copytree(served["pristine"], reference)
     shutil.copytree(served["pristine"], interrupted)
+    # The runs that are not killed run in this process's Spark session (one JVM start less each).
+    stream = ["stream", "--format", "jsonl", "--until-idle", "4", *args, *QUIET]
 
-    process = stream_process(reference, *args)
-    stderr = process.communicate(timeout=300)[1].decode()
-    assert process.returncode == 0, stderr[-3000:]
+    code, _, err = run_cli(capsys, *stream, "--root", str(reference))
+    assert code == 0, err[-3000:]
     batches = len(table(reference, "ops/stream_metrics"))
     assert batches >= 6  # at most 100 messages per micro-batch
 
     process = stream_process(interrupted, *args)
     seed, committed = kill_9_mid_run(process, interrupted)
     assert 1 <= committed < batches, f"kill landed after {committed} batches (RECSYS_TEST_KILL_SEED={seed})"
-    process = stream_process(interrupted, *args)
-    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    code, _, err = run_cli(capsys, *stream, "--root", str(interrupted))
+    assert code == 0, err[-3000:]
 
     expected, actual = snapshot(reference), snapshot(interrupted)
     for name in expected:  # bronze included: each message's topic/partition/offset once
@@ -310,28 +310,32 @@ def test_kill_9_on_kafka_and_restart_equals_an_uninterrupted_run(served, broker,
 
 
 @pytest.mark.kafka
-def test_broker_outage_mid_run_loses_and_repeats_nothing(served, broker, tmp_path) -> None:
-    """The broker stops for 20 s while the stream runs and events keep coming: the query rides
+def test_broker_outage_mid_run_loses_and_repeats_nothing(spark, served, broker, tmp_path, capsys) -> None:
+    """The broker stops for 20 s while the query runs and events keep coming: the query rides
     through. A query started while it is down (short timeouts) fails with one line; restarted
     once the broker is back, it goes on from its checkpoint. Every message lands once."""
+    from recsys_spark.storage import open_lakehouse
+
     topic = new_topic(broker)
-    sink = KafkaTopic(broker.bootstrap_servers, topic)
-    log, root = served["stream_log"], tmp_path / "lake"
+    root = tmp_path / "lake"
     shutil.copytree(served["pristine"], root)
-    lines = log.read_text().splitlines()
-    (tmp_path / "a.jsonl").write_text("\n".join(lines[:100]) + "\n")
-    (tmp_path / "b.jsonl").write_text("\n".join(lines[100:300]) + "\n")
-    (tmp_path / "c.jsonl").write_text("\n".join(lines[300:350]) + "\n")
-    replay(tmp_path / "a.jsonl", "jsonl", sink, rate=5000)
-    args = kafka_args(broker, topic)
-    during = KafkaTopic(broker.bootstrap_servers, topic)
+    lines = served["stream_log"].read_text().splitlines()
+    for name, part in (("a", lines[:100]), ("b", lines[100:300]), ("c", lines[300:350])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    replay(tmp_path / "a.jsonl", "jsonl", KafkaTopic(broker.bootstrap_servers, topic), rate=5000)
+    settings = kafka_settings(root, broker, topic)
+
+    def streamed() -> list[str]:
+        found = table(root, "bronze/events_raw").column("source_file").to_pylist()
+        return [s for s in found if s.startswith(f"kafka:{topic}/")]
+
+    query = start_stream(spark, open_lakehouse(spark, settings), settings)
     try:
-        riding = stream_process(root, *args, "--until-idle", "900")  # stopped below, by SIGTERM
-        metrics = root / "ops" / "stream_metrics" / "_delta_log"
         deadline = time.monotonic() + 240
-        while not list(metrics.glob("*.json")) and time.monotonic() < deadline and riding.poll() is None:
+        while not (root / "ops" / "stream_metrics").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         # 200 more events at 10/s, the broker away for 20 s of it: the producer holds and retries them
+        during = KafkaTopic(broker.bootstrap_servers, topic)
         producing = threading.Thread(target=replay, args=(tmp_path / "b.jsonl", "jsonl", during),
                                      kwargs={"rate": 10})
         producing.start()
@@ -342,32 +346,31 @@ def test_broker_outage_mid_run_loses_and_repeats_nothing(served, broker, tmp_pat
         broker.up(timeout=240, follow_parent=True)
         producing.join(timeout=360)
         assert during.messages == 200
-        deadline = time.monotonic() + 300  # the same query reads everything, then stops cleanly
-        while table(root, "bronze/events_raw").num_rows < 300 and time.monotonic() < deadline:
-            assert riding.poll() is None, riding.stderr.read().decode()[-3000:]
+        deadline = time.monotonic() + 300  # the same query reads everything sent meanwhile
+        while len(streamed()) < 300 and time.monotonic() < deadline:
+            assert query.isActive, query.exception()
             time.sleep(1)
-        riding.send_signal(signal.SIGTERM)
-        stderr = riding.communicate(timeout=300)[1].decode()
-        assert riding.returncode == 0, stderr[-3000:]
+        query.processAllAvailable()
+    finally:
+        query.stop()
+    assert len(streamed()) == 300
 
+    stream = ["stream", "--root", str(root), "--format", "jsonl", "--until-idle", "4",
+              *kafka_args(broker, topic), *QUIET]
+    try:
         broker.down()
-        short = ["--set", "serving.stream.kafka.options.kafka.default.api.timeout.ms=3000",
-                 "--set", "serving.stream.kafka.options.kafka.request.timeout.ms=3000",
-                 "--set", "serving.stream.kafka.options.fetchOffset.numRetries=1"]
-        failing = stream_process(root, *args, *short)
-        stderr = failing.communicate(timeout=600)[1].decode()
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert failing.returncode == 1 and len(errors) == 1, stderr[-3000:]
+        short = ["kafka.default.api.timeout.ms=3000", "kafka.request.timeout.ms=3000", "fetchOffset.numRetries=1"]
+        code, _, err = run_cli(capsys, *stream, *(arg for option in short
+                                                  for arg in ("--set", f"serving.stream.kafka.options.{option}")))
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, err[-3000:]
         assert f"no Kafka broker at {broker.bootstrap_servers} answered for topic '{topic}'" in errors[0]
-        assert "Traceback" not in stderr
     finally:
         broker.up(timeout=240, follow_parent=True)
-    replay(tmp_path / "c.jsonl", "jsonl", sink, rate=5000)
-    again = stream_process(root, *args)
-    assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-3000:]
-    sources = [s for s in table(root, "bronze/events_raw").column("source_file").to_pylist()
-               if s.startswith(f"kafka:{topic}/")]
-    assert len(sources) == len(set(sources)) == 350  # each message exactly once
+    replay(tmp_path / "c.jsonl", "jsonl", KafkaTopic(broker.bootstrap_servers, topic), rate=5000)
+    code, _, err = run_cli(capsys, *stream)
+    assert code == 0, err[-3000:]
+    assert len(streamed()) == len(set(streamed())) == 350  # each message exactly once
     assert_lineage_consistent(root, landed=350)
 
 

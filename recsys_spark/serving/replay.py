@@ -135,6 +135,7 @@ class KafkaTopic:
         if self._producer is None:
             return
         pending = self._producer.flush(DELIVERY_TIMEOUT_SECONDS + 10)  # each message succeeds or fails by then
+        self._producer = None  # its client threads end with it
         if pending or self._failed:
             cause = self._failed[0] if self._failed else f"{pending} still queued"
             raise KafkaUnavailableError(f"{pending + len(self._failed)} of {self.messages} messages were not "

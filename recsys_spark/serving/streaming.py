@@ -1,7 +1,8 @@
 """``recsys stream``: nearline updates of the serving table with Spark Structured Streaming.
 
-Each micro-batch of landed events (file source; Kafka where its connector is on the classpath)
-goes through ``NearlineSink``:
+Each micro-batch of events — lines of files landed in a folder, or messages of a Kafka topic
+(``serving.stream.source``; one event per message, its source named ``kafka:<topic>/<partition>/<offset>``)
+— goes through ``NearlineSink``:
 
 1. validate exactly like ingest (``parse_lines``): bad lines -> ``quarantine/events`` with their
    reason, every raw line -> ``bronze/events_raw``;
@@ -21,6 +22,10 @@ Keying on the batch id is sound because Spark writes a batch's offsets before ru
 that no written offsets cover yet may be grouped differently after a restart (the file source
 folds a file it had logged for its next batch into the batch it plans then), so batch ids are
 lineage: every table's content equals an uninterrupted run's, not which batch wrote each row.
+A Kafka micro-batch is an offset range per partition, logged before it runs, so a replayed batch
+reads the very same messages. Messages the query has not read that are gone from the topic
+(deleted, recreated, aged out) stop it with a line naming the topic, unless
+``serving.stream.kafka.fail_on_data_loss`` is false.
 """
 
 from __future__ import annotations
