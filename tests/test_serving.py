@@ -463,7 +463,7 @@ def test_the_stream_quarantines_long_and_hostile_lines_and_keeps_running(spark, 
     metrics = table(str(root), "ops/stream_metrics").to_pylist()[-1]
     assert (metrics["rows_in"], metrics["rows_clean"], metrics["rows_quarantined"]) == (5, 2, 3)
     bronze = DeltaTable(str(root / "bronze" / "events_raw"))
-    assert bronze.to_pyarrowtable(filters=[("raw", "=", wide)]).num_rows == 1
+    assert bronze.to_pyarrow_table(filters=[("raw", "=", wide)]).num_rows == 1
 
 
 def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> None:
