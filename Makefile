@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 # torch first, alone and pinned, so no later package pulls another build: PyPI's Linux wheel
 # (CUDA libraries included, ~4 GB installed; it runs on the CPU too).
 TORCH := torch==2.13.0
-# Delta's and the Kafka connector's jars (.jars/spark), fetched once from Maven Central by mvn,
-# then reused offline.
+# Delta's and the Kafka connector's jars (.jars/spark), and Apache Kafka's broker (.jars/kafka, for
+# `make kafka-up` and the kafka tests), fetched once from Maven Central by mvn, then reused offline.
 JARS := .jars
 JARS_STAMP := $(JARS)/.fetched
+KAFKA_JARS_STAMP := $(JARS)/.kafka-fetched
 MVN := mvn -B -q -ntp
 
 # Airflow lives beside the project in a virtualenv of its own (airflow_dags/README.md).
@@ -19,9 +20,9 @@ AIRFLOW_VENV := .venv-airflow
 AIRFLOW_LOCK := airflow_dags/requirements-airflow.lock
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: setup airflow-setup airflow demo test lint bench mlflow-ui clean
+.PHONY: setup airflow-setup airflow demo test lint bench mlflow-ui clean kafka-up kafka-down
 
-setup: $(STAMP) $(JARS_STAMP)
+setup: $(STAMP) $(JARS_STAMP) $(KAFKA_JARS_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v java >/dev/null || { echo "error: Java 17 is required by Spark (java not on PATH)"; exit 1; }
@@ -54,6 +55,23 @@ $(AIRFLOW_STAMP): $(AIRFLOW_LOCK)
 # Airflow standalone on 127.0.0.1:$(AIRFLOW_PORT) (default 8080) with these DAGs; state in .airflow/.
 airflow: setup airflow-setup
 	$(AIRFLOW_VENV)/bin/python airflow_dags/standalone.py
+
+# Where Maven cannot be reached: one line; `make kafka-up` then says what is missing and the kafka
+# tests skip with that reason. Tried again on the next setup.
+$(KAFKA_JARS_STAMP): jars/kafka-broker/pom.xml
+	@mkdir -p $(JARS)
+	@if command -v mvn >/dev/null \
+	    && $(MVN) -f jars/kafka-broker/pom.xml dependency:copy-dependencies -Djars.dir=$(CURDIR)/$(JARS)/kafka >$(JARS)/fetch-kafka.log 2>&1; \
+	then touch $@; \
+	else echo "note: could not fetch Apache Kafka's jars from Maven Central (mvn missing or unreachable; see $(JARS)/fetch-kafka.log): no local broker, the kafka tests will skip"; fi
+
+# A local single-node Kafka broker (KRaft) on 127.0.0.1, port broker.port of the config (default
+# 9092; e.g. RECSYS__BROKER__PORT=19092 make kafka-up); data and logs in .kafka/. Both idempotent.
+kafka-up: setup
+	$(VENV)/bin/recsys broker up
+
+kafka-down:
+	@if test -x $(VENV)/bin/recsys; then $(VENV)/bin/recsys broker down; fi
 
 demo: setup
 	$(VENV)/bin/recsys demo

@@ -1,26 +1,32 @@
-"""Nearline: sustained event rate through ``recsys stream`` and single-user lookup latency.
+"""Nearline: sustained event rate through ``recsys stream``, from landed files and from a Kafka
+topic, and single-user lookup latency.
 
-    python bench/nearline.py [--rate 200] [--minutes 5] [--ramp 400,800,1600]
+    python bench/nearline.py [--source files,kafka] [--rate 200] [--minutes 5] [--ramp 400,800,1600]
 
 1. builds a lakehouse with the product's commands (synthetic log -> ingest -> features ->
    ``recsys train`` with the default model, short time budget -> ``recsys score-batch``);
-2. runs ``recsys stream`` (``local[2]``) while ``recsys replay`` lands events at ``--rate`` for
-   ``--minutes``; per event, latency = commit time of its micro-batch - its event time (replay
-   stamps events when it publishes them); backlog = how long the stream needs after the last file
-   lands, and whether latency grows from the first to the last third of the run;
+2. per source, runs ``recsys stream`` (``local[2]``) while ``recsys replay`` publishes events at
+   ``--rate`` for ``--minutes`` (``--sink landing``: a file per half second; ``--sink kafka``: a
+   message per event, keyed by user, into a new 3-partition topic of a local broker started by
+   this benchmark); per event, latency = commit time of its micro-batch - its event time (replay
+   stamps events when it publishes them); backlog = how long the stream needs after the last
+   event is published, and whether latency grows from the first to the last third of the run;
 3. repeats shorter runs at the ``--ramp`` rates to find the highest rate without backlog growth;
 4. times ``RecommendationLookup.get`` on a 100k-user serving table after warm-up (p50/p99).
+
+The machine's load (1-minute load average, sampled every 5 s) is recorded with each run: on a
+shared host the numbers say as much about the neighbours as about the platform.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +36,9 @@ import pyarrow as pa
 from common import REPO, machine, record
 from deltalake import DeltaTable, write_deltalake
 
+from recsys_spark.broker import LocalBroker, free_port
 from recsys_spark.serving.lookup import RecommendationLookup
+from recsys_spark.serving.replay import ensure_topic
 from recsys_spark.serving.schemas import RECOMMENDATION_SCHEMA
 
 QUIET = ["--set", "logging.level=WARNING"]
@@ -58,39 +66,75 @@ def build(root: Path) -> Path:
     return stream_log
 
 
-def run_at(root: Path, stream_log: Path, rate: float, seconds: float, tag: str) -> dict:
-    """One stream run at ``rate`` for ``seconds``; returns latency and backlog figures."""
+class LoadSampler:
+    """The 1-minute load average, sampled every 5 s while a run lasts."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            with open("/proc/loadavg") as handle:
+                self.samples.append(float(handle.read().split()[0]))
+            self._done.wait(5)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def run_at(root: Path, stream_log: Path, rate: float, seconds: float, tag: str, source: str,
+           broker: LocalBroker | None) -> dict:
+    """One stream run from ``source`` at ``rate`` for ``seconds``; returns latency and backlog figures."""
     landing = root.parent / f"landing-{tag}"
     checkpoint = root.parent / f"checkpoint-{tag}"
     for folder in (landing, checkpoint):
         shutil.rmtree(folder, ignore_errors=True)
-    landing.mkdir(parents=True)
+    if source == "kafka":
+        assert broker is not None
+        topic = f"bench-{tag}-{int(time.time())}"
+        ensure_topic(broker.bootstrap_servers, topic, 3)
+        where = ["--set", "serving.stream.source=kafka", "--set", f"serving.stream.kafka.topic={topic}",
+                 "--set", f"serving.stream.kafka.bootstrap_servers={broker.bootstrap_servers}"]
+        sink = ["--sink", "kafka", "--topic", topic, "--bootstrap-servers", broker.bootstrap_servers]
+    else:
+        landing.mkdir(parents=True)
+        where = ["--landing", str(landing)]
+        sink = ["--landing", str(landing)]
     started = time.time()  # metrics committed before this belong to earlier runs
-    stream = subprocess.Popen(
-        [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), "--landing", str(landing),
-         "--set", f"serving.stream.checkpoint={checkpoint}", "--set", "spark.master=local[2]",
-         "--set", "serving.stream.trigger_seconds=1", *QUIET],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root.parent / f"stream-{tag}.log", "w"),  # noqa: SIM115 - the child holds it
-        start_new_session=True)
-    time.sleep(45)  # session start and the first (empty) trigger
-    events = int(rate * seconds)
-    replay = recsys("replay", "--input", str(stream_log), "--format", "jsonl", "--landing", str(landing),
-                    "--rate", str(rate), "--limit", str(events))
-    replay_end = time.time()
-    metrics_path = root / "ops" / "stream_metrics"
-    deadline = time.time() + 300
-    processed = 0
-    while time.time() < deadline:
-        if metrics_path.exists():
-            rows = [r for r in DeltaTable(str(metrics_path)).to_pyarrow_table().to_pylist()
-                    if r["committed_at"].timestamp() >= started]
-            processed = sum(r["rows_in"] for r in rows)
-            if processed >= events:
-                break
-        time.sleep(1)
-    os.killpg(stream.pid, signal.SIGTERM)
-    stream.wait(timeout=120)
+    with LoadSampler() as load:
+        stream = subprocess.Popen(
+            [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), *where,
+             "--set", f"serving.stream.checkpoint={checkpoint}", "--set", "spark.master=local[2]",
+             "--set", f"spark.jars_dir={REPO / '.jars' / 'spark'}",
+             "--set", "serving.stream.trigger_seconds=1", *QUIET],
+            stdout=subprocess.DEVNULL,
+            stderr=open(root.parent / f"stream-{tag}.log", "w"),  # noqa: SIM115 - the child holds it
+            start_new_session=True)
+        time.sleep(45)  # session start and the first (empty) trigger
+        events = int(rate * seconds)
+        replay = recsys("replay", "--input", str(stream_log), "--format", "jsonl", *sink,
+                        "--rate", str(rate), "--limit", str(events))
+        replay_end = time.time()
+        metrics_path = root / "ops" / "stream_metrics"
+        deadline = time.time() + 300
+        processed = 0
+        while time.time() < deadline:
+            if metrics_path.exists():
+                rows = [r for r in DeltaTable(str(metrics_path)).to_pyarrow_table().to_pylist()
+                        if r["committed_at"].timestamp() >= started]
+                processed = sum(r["rows_in"] for r in rows)
+                if processed >= events:
+                    break
+            time.sleep(1)
+        stream.send_signal(signal.SIGTERM)  # the stream finishes what has arrived, then stops
+        stream.wait(timeout=120)
     rows = sorted((r for r in DeltaTable(str(metrics_path)).to_pyarrow_table().to_pylist()
                    if r["committed_at"].timestamp() >= started), key=lambda r: r["batch_id"])
     done = max(r["committed_at"].timestamp() for r in rows)
@@ -98,7 +142,7 @@ def run_at(root: Path, stream_log: Path, rate: float, seconds: float, tag: str) 
     weights = np.array([r["rows_clean"] for r in rows if r["latency_p95_s"] is not None], dtype=float)
     third = max(1, len(p95) // 3)
     return {
-        "rate": rate, "seconds": seconds, "events": events, "processed": processed,
+        "source": source, "rate": rate, "seconds": seconds, "events": events, "processed": processed,
         "achieved_rate": round(replay["rate"], 1), "batches": len(rows),
         # p95 over events: the weighted 95th percentile of per-batch p95s (an upper-side estimate)
         "p95_latency_s": round(float(np.percentile(np.repeat(p95, weights.astype(int)), 95)), 2),
@@ -106,12 +150,13 @@ def run_at(root: Path, stream_log: Path, rate: float, seconds: float, tag: str) 
         "p50_processing_s": round(float(np.median([r["processing_s"] for r in rows])), 2),
         "first_third_p95_s": round(float(np.mean(p95[:third])), 2),
         "last_third_p95_s": round(float(np.mean(p95[-third:])), 2),
-        "drain_after_last_file_s": round(done - replay_end, 1),
+        "drain_after_last_event_s": round(done - replay_end, 1),
+        "load_avg": [round(min(load.samples), 1), round(float(np.mean(load.samples)), 1), round(max(load.samples), 1)],
     }
 
 
 def backlog_grows(run: dict) -> bool:
-    return (run["processed"] < run["events"] or run["drain_after_last_file_s"] > 10
+    return (run["processed"] < run["events"] or run["drain_after_last_event_s"] > 10
             or run["last_third_p95_s"] > 2 * run["first_third_p95_s"] + 2)
 
 
@@ -154,54 +199,90 @@ def lookup_latency(folder: Path, users: int = 100_000, k: int = 50) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--source", default="files,kafka", help="stream sources to measure, in this order")
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--ramp", default="400,800,1600", help="rates tried for 60 s each")
     args = parser.parse_args()
+    sources = [s for s in args.source.split(",") if s]
+    if not set(sources) <= {"files", "kafka"}:
+        parser.error("--source takes files and/or kafka")
     folder = REPO / ".tmp" / "bench-nearline"
     folder.mkdir(parents=True, exist_ok=True)
     root = folder / "lake"
     stream_log = build(root)
     lookup = lookup_latency(folder)
     print("lookup", lookup, flush=True)
-    sustained = run_at(root, stream_log, args.rate, args.minutes * 60, "sustained")
-    print("sustained", sustained, flush=True)
-    ramp = []
-    for rate in [float(r) for r in args.ramp.split(",") if r]:
-        run = run_at(root, stream_log, rate, 60, f"ramp-{int(rate)}")
-        print("ramp", run, flush=True)
-        ramp.append(run)
-        if backlog_grows(run):
-            break
-    highest = max([r["rate"] for r in [sustained, *ramp] if not backlog_grows(r)], default=None)
+    broker = None
+    if "kafka" in sources:
+        port = free_port(19092)
+        broker = LocalBroker(folder / "kafka", port, free_port(port + 1), REPO / ".jars" / "kafka")
+        broker.up(timeout=240, follow_parent=True)
+    runs: dict[str, list[dict]] = {}
+    try:
+        for source in sources:
+            sustained = run_at(root, stream_log, args.rate, args.minutes * 60, f"{source}-sustained", source, broker)
+            print("sustained", sustained, flush=True)
+            runs[source] = [sustained]
+            for rate in [float(r) for r in args.ramp.split(",") if r]:
+                run = run_at(root, stream_log, rate, 60, f"{source}-ramp-{int(rate)}", source, broker)
+                print("ramp", run, flush=True)
+                runs[source].append(run)
+                if backlog_grows(run):
+                    break
+    finally:
+        if broker is not None:
+            broker.down()
+    record("nearline", report(runs, args, lookup))
+    print(report(runs, args, lookup))
+
+
+def report(runs: dict[str, list[dict]], args: argparse.Namespace, lookup: dict) -> str:
     lines = [
         f"Machine: {machine()}; `recsys stream` on `local[2]`, 1 s trigger, default model (sasrec, "
-        "3-minute training on a 20k-user synthetic log), file source fed by `recsys replay`.",
+        "3-minute training on a 20k-user synthetic log); events published by `recsys replay` into a landing "
+        "folder (files) or a 3-partition topic of a local single-node Kafka broker (kafka). Measured "
+        f"{datetime.now(UTC):%Y-%m-%d}; load = the host's 1-minute load average during the run (min/mean/max).",
         "",
-        "| run | events/s (achieved) | events | micro-batches | p95 latency | max latency | median batch processing "
-        "| p95 first → last third | drain after last file | backlog grows |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| source | run | events/s (achieved) | events | micro-batches | p95 latency | max latency "
+        "| median batch processing | p95 first → last third | drain after last event | backlog grows | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for name, run in [(f"sustained {args.minutes:g} min", sustained)] + [("ramp 60 s", r) for r in ramp]:
+    highest: dict[str, float | None] = {}
+    for source, measured in runs.items():
+        for number, run in enumerate(measured):
+            name = f"sustained {args.minutes:g} min" if number == 0 else "ramp 60 s"
+            lines.append(
+                f"| {source} | {name} | {run['rate']:.0f} ({run['achieved_rate']:.0f}) | {run['events']:,} | "
+                f"{run['batches']} | {run['p95_latency_s']} s | {run['max_latency_s']} s | "
+                f"{run['p50_processing_s']} s | "
+                f"{run['first_third_p95_s']} → {run['last_third_p95_s']} s | {run['drain_after_last_event_s']} s | "
+                f"{'yes' if backlog_grows(run) else 'no'} | {' / '.join(map(str, run['load_avg']))} |")
+        highest[source] = max([r["rate"] for r in measured if not backlog_grows(r)], default=None)
+    lines.append("")
+    targets = {"files": 5.0, "kafka": 2.0}
+    for source, measured in runs.items():
+        sustained = measured[0]
+        met = sustained["p95_latency_s"] <= targets[source] and not backlog_grows(sustained)
+        top = highest[source]
         lines.append(
-            f"| {name} | {run['rate']:.0f} ({run['achieved_rate']:.0f}) | {run['events']:,} | {run['batches']} | "
-            f"{run['p95_latency_s']} s | {run['max_latency_s']} s | {run['p50_processing_s']} s | "
-            f"{run['first_third_p95_s']} → {run['last_third_p95_s']} s | {run['drain_after_last_file_s']} s | "
-            f"{'yes' if backlog_grows(run) else 'no'} |")
-    met = sustained["p95_latency_s"] <= 5 and not backlog_grows(sustained)
+            f"- {source}: {args.rate:.0f} events/s for {args.minutes:g} minutes with p95 event → serving latency "
+            f"≤ {targets[source]:g} s and no backlog growth: **{'met' if met else 'NOT met'}** "
+            f"(p95 {sustained['p95_latency_s']} s). Highest rate measured without backlog growth: "
+            f"**{'none' if top is None else f'{top:.0f} events/s'}**.")
+    if {"files", "kafka"} <= set(runs):
+        kafka, files = highest["kafka"] or 0, highest["files"] or 0
+        verdict = "met" if kafka >= files else "NOT met"
+        lines.append(f"- Kafka's sustained maximum at least the file source's: **{verdict}** "
+                     f"({kafka:.0f} vs {files:.0f} events/s; the ramp stops at its highest rate tried).")
     lines += [
-        "",
-        f"Target 200 events/s for 5 minutes with p95 event → serving latency ≤ 5 s and no backlog growth: "
-        f"**{'met' if met else 'NOT met'}**. Highest rate measured without backlog growth: "
-        f"**{highest if highest is None else f'{highest:.0f} events/s'}**.",
         "",
         f"Lookup (`RecommendationLookup.get`, {lookup['users']:,}-user table, after warm-up, "
         f"{lookup['lookups']:,} lookups incl. ~9% cold-start users): p50 {lookup['p50_ms']} ms, "
         f"**p99 {lookup['p99_ms']} ms** (target ≤ 10 ms: {'met' if lookup['p99_ms'] <= 10 else 'NOT met'}); "
         f"max {lookup['max_ms']} ms; snapshot load {lookup['snapshot_load_s']} s.",
     ]
-    record("nearline", "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

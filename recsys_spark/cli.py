@@ -23,6 +23,7 @@ from recsys_spark.config import Settings, describe_settings, load_settings
 from recsys_spark.constants import BASELINE_NAMES, GOLD_TRAINING_EXAMPLES, INPUT_FORMATS, LAYERS, MODEL_NAMES
 from recsys_spark.errors import RecsysError, UsageError
 from recsys_spark.logs import configure_logging
+from recsys_spark.serving.replay import DEFAULT_PARTITIONS
 
 Handler = Callable[[argparse.Namespace, Settings], dict[str, Any]]
 
@@ -147,15 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--window", type=_positive_number, default=900.0, metavar="SECONDS",
                         help="sum up the micro-batches of the last SECONDS (default 900)")
 
-    rep = command("replay", _replay, "write a log into a landing folder at a steady pace")
+    rep = command("replay", _replay, "publish a log into a landing folder or a Kafka topic at a steady pace")
     rep.add_argument("--input", required=True)
     rep.add_argument("--format", choices=("taobao", "jsonl"), required=True)
-    rep.add_argument("--landing", required=True)
+    rep.add_argument("--sink", choices=("landing", "kafka"), default="landing",
+                     help="landing: small files in --landing; kafka: messages keyed by user id (default: landing)")
+    rep.add_argument("--landing", help="landing folder (--sink landing)")
+    rep.add_argument("--topic", help="Kafka topic (--sink kafka; default: serving.stream.kafka.topic)")
+    rep.add_argument("--bootstrap-servers", help="Kafka cluster (default: serving.stream.kafka.bootstrap_servers, "
+                     "else the local broker)")
+    rep.add_argument("--partitions", type=_positive_int, default=DEFAULT_PARTITIONS,
+                     help=f"partitions of a topic created by the replay (default: {DEFAULT_PARTITIONS})")
     pace = rep.add_mutually_exclusive_group(required=True)
     pace.add_argument("--rate", type=_positive_number, metavar="EVENTS_PER_S")
     pace.add_argument("--speedup", type=_positive_number, metavar="X", help="the log's own timing, X times faster")
     rep.add_argument("--keep-time", action="store_true", help="keep original event times")
     rep.add_argument("--limit", type=_positive_int, help="replay only the first N lines")
+
+    brk = command("broker", _broker, "start, stop or show the local Kafka broker (KRaft, 127.0.0.1; trials, tests)")
+    brk.add_argument("action", choices=("up", "down", "status"))
 
     rec = command("recommend", _recommend, "show a user's current recommendations")
     rec.add_argument("--user", type=_non_negative_int, required=True, help="raw user id")
@@ -498,14 +509,42 @@ def _stream_status(args: argparse.Namespace, settings: Settings) -> dict[str, An
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from recsys_spark.serving.replay import replay
+    from recsys_spark.serving.replay import KafkaTopic, LandingFolder, Sink, replay
 
-    report = replay(args.input, args.format, args.landing, rate=args.rate, speedup=args.speedup,
+    sink: Sink
+    if args.sink == "landing":
+        if not args.landing or args.topic or args.bootstrap_servers:
+            raise UsageError("--sink landing takes --landing DIR (and no --topic or --bootstrap-servers)")
+        sink = LandingFolder(args.landing, args.format)
+    else:
+        if args.landing:
+            raise UsageError("--landing is for --sink landing; --sink kafka takes --topic")
+        sink = KafkaTopic(args.bootstrap_servers or settings.kafka_bootstrap_servers,
+                          args.topic or settings.serving.stream.kafka.topic, partitions=args.partitions)
+    report = replay(args.input, args.format, sink, rate=args.rate, speedup=args.speedup,
                     keep_time=args.keep_time, limit=args.limit)
-    _say(args, f"replayed {report.events:,} events in {report.files} files over {report.seconds:.1f}s "
-               f"({report.rate:.0f}/s) into {report.landing}")
-    return {"events": report.events, "files": report.files, "seconds": round(report.seconds, 2),
-            "rate": round(report.rate, 1), "landing": report.landing}
+    where = (f"in {report.sink['files']} files into {report.sink['landing']}" if args.sink == "landing" else
+             f"to Kafka topic {report.sink['topic']} ({report.sink['partitions']} partitions) at "
+             f"{report.sink['bootstrap_servers']}")
+    _say(args, f"replayed {report.events:,} events {where} over {report.seconds:.1f}s ({report.rate:.0f}/s)")
+    return {"events": report.events, "seconds": round(report.seconds, 2), "rate": round(report.rate, 1),
+            **report.sink}
+
+
+def _broker(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from recsys_spark.broker import LocalBroker
+
+    broker = LocalBroker.from_settings(settings)
+    if args.action == "up":
+        status = broker.up(settings.broker.start_timeout_seconds)
+    elif args.action == "down":
+        status = broker.down()
+    else:
+        status = broker.status()
+    took = f" in {status.seconds} s" if status.seconds is not None else ""
+    pid = f", pid {status.pid}" if status.pid else ""
+    _say(args, f"Kafka broker at {status.bootstrap_servers}: {status.action}{took}{pid} (folder {status.folder})")
+    return status.as_dict()
 
 
 def _recommend(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:

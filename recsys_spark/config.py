@@ -284,9 +284,57 @@ class MlflowSettings(_Section):
     )
 
 
+# Options of Spark's Kafka source that serving.stream.kafka sets from its own keys, and consumer
+# settings the source manages itself and refuses (its integration guide); lower case: Spark
+# reads source options case-insensitively.
+_KAFKA_OPTIONS_NOT_PASSED = (
+    "subscribe", "subscribepattern", "assign", "startingoffsets", "maxoffsetspertrigger", "failondataloss",
+    "kafka.bootstrap.servers", "kafka.auto.offset.reset", "kafka.enable.auto.commit", "kafka.key.deserializer",
+    "kafka.value.deserializer", "kafka.interceptor.classes",
+)
+
+
+class KafkaSourceSettings(_Section):
+    bootstrap_servers: str | None = Field(
+        None, description="host:port[,host:port...] of the Kafka cluster; null: the local broker of "
+        "`make kafka-up` (127.0.0.1:<broker.port>)."
+    )
+    topic: str = Field(
+        "recsys-events", pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Topic the events are read from, one event (a JSON line, or a Taobao CSV line) per message.",
+    )
+    starting_offsets: str = Field(
+        "earliest", description="Where a query on a new checkpoint starts: earliest, latest, or JSON "
+        "offsets per partition (Spark's startingOffsets). A restarted query resumes from its checkpoint.",
+    )
+    max_offsets_per_trigger: int | None = Field(
+        None, gt=0, description="Most messages per micro-batch, split across partitions (null: all available)."
+    )
+    fail_on_data_loss: bool = Field(
+        True, description="Stop the query when messages it has not read yet are gone (the topic was "
+        "deleted or recreated, or retention removed them); false skips them with a warning in the log.",
+    )
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Further options of Spark's Kafka source, passed as they are: Kafka "
+        "consumer settings as kafka.<name> (security: kafka.security.protocol, kafka.sasl.mechanism, "
+        "kafka.sasl.jaas.config, kafka.ssl.truststore.location, ...), or the source's own (minPartitions, "
+        "fetchOffset.numRetries, groupIdPrefix, ...).",
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _passed_options(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.lower() in _KAFKA_OPTIONS_NOT_PASSED:
+                raise ValueError(f"{key!r} is set by its own key of serving.stream.kafka, or managed by Spark's "
+                                 "Kafka source")
+        return value
+
+
 class StreamSettings(_Section):
     source: Literal["files", "kafka"] = Field(
-        "files", description="files: a landing folder; kafka: a topic (needs the Kafka connector jars)."
+        "files", description="files: a landing folder; kafka: a Kafka topic (serving.stream.kafka; the "
+        "session puts the connector's jars of spark.jars_dir on its classpath)."
     )
     landing: str | None = Field(None, description="Landing folder of event files (default <root>/_landing).")
     format: Literal["taobao", "jsonl"] = Field("jsonl", description="Format of the landed events.")
@@ -298,8 +346,7 @@ class StreamSettings(_Section):
     app_id: str = Field(
         "recsys-nearline", description="Delta application id recording committed micro-batches."
     )
-    kafka_bootstrap_servers: str | None = None
-    kafka_topic: str | None = None
+    kafka: KafkaSourceSettings = Field(default_factory=KafkaSourceSettings)
 
 
 class ServingSettings(_Section):
@@ -318,6 +365,32 @@ class ServingSettings(_Section):
         1.0, gt=0, description="How often the lookup cache checks for a new table version."
     )
     stream: StreamSettings = Field(default_factory=StreamSettings)
+
+
+class BrokerSettings(_Section):
+    """The local single-node Kafka broker of `recsys broker up` / `make kafka-up`, for trials and tests."""
+
+    port: int = Field(9092, ge=1, le=65535, description="Client port of the local Kafka broker (127.0.0.1 only).")
+    controller_port: int = Field(
+        9093, ge=1, le=65535, description="Port of the local broker's KRaft controller (127.0.0.1 only)."
+    )
+    folder: str = Field(
+        ".kafka", description="Configuration, data, logs and pid file of the local broker; relative to the "
+        "working directory. Its data outlives `recsys broker down`: delete the folder to start empty.",
+    )
+    jars_dir: str = Field(
+        ".jars/kafka", description="Apache Kafka's jars (`make setup` fetches them); relative to the working directory."
+    )
+    heap: str = Field("512m", pattern=r"(?i)^[0-9]+[kmg]$", description="JVM heap of the local broker.")
+    start_timeout_seconds: float = Field(
+        120.0, gt=0, description="`recsys broker up` fails if the broker does not answer within this long."
+    )
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> BrokerSettings:
+        if self.port == self.controller_port:
+            raise ValueError(f"port and controller_port must differ (both {self.port})")
+        return self
 
 
 class LoggingSettings(_Section):
@@ -341,6 +414,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("root")
@@ -367,6 +441,11 @@ class Settings(_Section):
     def stop_metric(self) -> str:
         """The validation metric training stops on (``training.stop_metric`` or the gate's)."""
         return self.training.stop_metric or self.evaluation.gate_metric
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        """The stream's Kafka cluster (``serving.stream.kafka.bootstrap_servers``, else the local broker)."""
+        return self.serving.stream.kafka.bootstrap_servers or f"127.0.0.1:{self.broker.port}"
 
     @property
     def model_max_length(self) -> int:

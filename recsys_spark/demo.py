@@ -20,7 +20,7 @@ from recsys_spark.features import FeatureReport, build_features
 from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.ingest import IngestReport, run_ingest
 from recsys_spark.serving.lookup import RecommendationLookup
-from recsys_spark.serving.replay import replay
+from recsys_spark.serving.replay import LandingFolder, replay
 from recsys_spark.serving.scoring import score_all_users
 from recsys_spark.serving.streaming import checkpoint_dir, landing_dir, run_stream
 from recsys_spark.spark import get_spark, work_dir
@@ -100,7 +100,7 @@ class _Demo:
         landing = landing_dir(self.settings)
         for folder in (landing, checkpoint_dir(self.settings)):  # a rerun of the demo starts its stream afresh
             shutil.rmtree(folder, ignore_errors=True)
-        replay(stream_log, "jsonl", landing, rate=NEARLINE_EVENTS, limit=NEARLINE_EVENTS)
+        replay(stream_log, "jsonl", LandingFolder(landing, "jsonl"), rate=NEARLINE_EVENTS, limit=NEARLINE_EVENTS)
         root = self.settings.root
         user = _first_known_user(stream_log, RecommendationLookup(root))
         before = RecommendationLookup(root).get(user, 5)

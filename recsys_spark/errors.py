@@ -86,3 +86,11 @@ class StreamFailedError(RecsysError):
 
 class StreamAlreadyRunningError(RecsysError):
     """Another nearline query holds the checkpoint's lock."""
+
+
+class KafkaUnavailableError(RecsysError):
+    """The Kafka cluster cannot be reached, or refused a topic operation or a message."""
+
+
+class BrokerError(RecsysError):
+    """The local Kafka broker (``recsys broker``) cannot be started or stopped."""

@@ -30,6 +30,9 @@ log = get_logger("spark")
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 DELTA_TABLE_CLASS = "io.delta.tables.DeltaTable"
+# The Kafka connector's jars among those jars/pom.xml fetches into spark.jars_dir (file-name
+# prefixes); the others there are Delta's.
+KAFKA_CONNECTOR_JARS = ("spark-sql-kafka-0-10_", "spark-token-provider-kafka-0-10_", "kafka-clients-", "commons-pool2-")
 
 # Properties every stage relies on, local or cluster (config's spark.conf may still override the
 # tuning ones): UTC everywhere, and Parquet timestamps as INT64 micros (INT96 carries no
@@ -94,10 +97,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
     conf.update(
         {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.spark.conf.items()}
     )
-    if settings.storage.engine == "delta-spark" or settings.serving.stream.source == "kafka":
-        extra = project_jars(settings)
-        if extra:
-            conf["spark.jars"] = ",".join([*filter(None, conf.get("spark.jars", "").split(",")), *extra])
+    extra = project_jars(settings, delta=settings.storage.engine == "delta-spark",
+                         kafka=settings.serving.stream.source == "kafka")
+    if extra:
+        conf["spark.jars"] = ",".join([*filter(None, conf.get("spark.jars", "").split(",")), *extra])
     if settings.storage.engine == "delta-spark" or (
         settings.storage.engine == "auto" and delta_jars_configured(conf)
     ):
@@ -112,11 +115,17 @@ def session_conf(settings: Settings) -> dict[str, str]:
     return conf
 
 
-def project_jars(settings: Settings) -> list[str]:
-    """The jars of ``spark.jars_dir`` (none when it is unset or holds none)."""
+def project_jars(settings: Settings, *, delta: bool, kafka: bool) -> list[str]:
+    """The jars of ``spark.jars_dir`` a session needs: Delta's (``delta``) and/or the Kafka
+    connector's (``kafka``). A Kafka stream alone gets no Delta jars, or ``storage.engine: auto``
+    would switch it to the delta-spark engine."""
     if not settings.spark.jars_dir:
         return []
-    return sorted(str(p.resolve()) for p in Path(settings.spark.jars_dir).glob("*.jar"))
+    wanted = []
+    for jar in sorted(Path(settings.spark.jars_dir).glob("*.jar")):
+        if kafka if jar.name.startswith(KAFKA_CONNECTOR_JARS) else delta:
+            wanted.append(str(jar.resolve()))
+    return wanted
 
 
 def delta_jars_configured(conf: dict[str, str]) -> bool:

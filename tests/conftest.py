@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(marker)
 
 
+QUIET = ["--set", "logging.level=WARNING"]
+TINY = ["--set", "training.epochs=2", "--set", "training.sasrec.dim=16", "--set", "training.sasrec.ffn_dim=32",
+        "--set", "training.num_processes=1", *QUIET]
+
+
 def make_settings(root: Path, *extra: str) -> Settings:
     """Settings for tests: built-in defaults plus small Spark, never the caller's environment."""
     return load_settings(
@@ -65,12 +72,22 @@ def make_settings(root: Path, *extra: str) -> Settings:
     )
 
 
+@pytest.fixture(autouse=True)
+def _log_handlers_of_this_test_only() -> Iterator[None]:
+    """A command run in-process points the project's log handler at the test's captured stderr;
+    a later test's in-process stream would log into that closed stream ("Logging error")."""
+    yield
+    logging.getLogger("recsys").handlers.clear()
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from recsys_spark.spark import get_spark
 
     engine = "delta-spark" if HAVE_DELTA_JARS else "delta-rs"
-    session = get_spark(make_settings(tmp_path_factory.mktemp("spark"), f"storage.engine={engine}"))
+    # a Kafka source's session: the connector's jars too, for the kafka tests' in-process queries
+    session = get_spark(make_settings(tmp_path_factory.mktemp("spark"), f"storage.engine={engine}",
+                                      "serving.stream.source=kafka"))
     yield session
     session.stop()
 
@@ -118,3 +135,21 @@ def build_gold_lakehouse(folder: Path, *, users: int, items: int, seed: int) -> 
     assert main(["ingest", "--format", "taobao", "--input", str(log), "--root", root, *quiet]) == 0
     assert main(["features", "--root", root, *quiet]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def served(spark, tmp_path_factory) -> dict:
+    """A lakehouse with gold tables and a registered sasrec champion, a pristine copy of it (tests
+    that write copy that), and a fresh log of the same users and items to stream."""
+    from recsys_spark.cli import main
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    folder = tmp_path_factory.mktemp("serving")
+    root = build_gold_lakehouse(folder, users=200, items=150, seed=11)
+    assert main(["train", "--model", "sasrec", "--root", root, *TINY]) == 0
+    pristine = folder / "pristine"
+    shutil.copytree(root, pristine)
+    stream_log = folder / "stream.jsonl"
+    write_log(GeneratorConfig(users=200, items=150, days=1, seed=12), stream_log, fmt="jsonl",
+              malformed_rate=0.05)
+    return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}

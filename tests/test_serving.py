@@ -4,12 +4,7 @@ kill -9), champion hot-reload, the lookup read path and the replay tool."""
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,17 +17,14 @@ from deltalake import DeltaTable, write_deltalake
 
 from recsys_spark.config import ServingSettings
 from recsys_spark.errors import InputDataError
-from recsys_spark.generate import GeneratorConfig, write_log
 from recsys_spark.serving.lookup import RecommendationLookup, popular_items
-from recsys_spark.serving.replay import replay
+from recsys_spark.serving.replay import LandingFolder, replay
 from recsys_spark.serving.rules import BusinessRules, Catalogue, apply_rules, intra_list_diversity
 from recsys_spark.serving.schemas import USER_STATE_SCHEMA
 from recsys_spark.serving.streaming import UserHistory, merge_history
-from tests.conftest import build_gold_lakehouse, make_settings, run_cli
+from tests.conftest import QUIET, TINY, make_settings, run_cli
+from tests.nearline import assert_lineage_consistent, kill_9_mid_run, land, snapshot, stream_process, table
 
-QUIET = ["--set", "logging.level=WARNING"]
-TINY = ["--set", "training.epochs=2", "--set", "training.sasrec.dim=16", "--set", "training.sasrec.ffn_dim=32",
-        "--set", "training.num_processes=1", *QUIET]
 STREAM = ["--set", "serving.stream.max_files_per_trigger=1", "--set", "serving.stream.trigger_seconds=0.5"]
 
 
@@ -93,17 +85,18 @@ def test_replay_orders_by_event_time_and_retimes(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
     log.write_text("1,10,5,pv,1511539500\n2,11,5,buy,1511539300\nnot,a,row\n3,12,6,pv,1511539400\n")
     clock = iter(np.arange(1000.0, 2000.0, 0.25))
-    report = replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)),
-                    sleep=lambda s: None)
+    report = replay(log, "taobao", LandingFolder(tmp_path / "landing", "taobao"), rate=2,
+                    clock=lambda: float(next(clock)), sleep=lambda s: None)
     files = sorted((tmp_path / "landing").glob("events-*.csv"))
-    assert report.events == 4 and len(files) == report.files == 4
+    assert report.events == 4 and len(files) == report.sink["files"] == 4
     lines = [f.read_text().strip() for f in files]
     assert [line.split(",")[0] for line in lines] == ["2", "not", "3", "1"]  # time order; bad line kept
     assert all(int(line.split(",")[4]) >= 1000 for line in lines if line[0].isdigit())
     assert not list((tmp_path / "landing").glob(".*"))  # nothing half-written left behind
     # a second replay started in the same second (same clock) must not overwrite the first's files
     clock = iter(np.arange(1000.0, 2000.0, 0.25))
-    replay(log, "taobao", tmp_path / "landing", rate=2, clock=lambda: float(next(clock)), sleep=lambda s: None)
+    replay(log, "taobao", LandingFolder(tmp_path / "landing", "taobao"), rate=2, clock=lambda: float(next(clock)),
+           sleep=lambda s: None)
     assert len(list((tmp_path / "landing").glob("events-*.csv"))) == 8
 
 
@@ -112,7 +105,8 @@ def test_replay_refuses_a_pace_that_would_take_years(tmp_path: Path, pace: dict)
     log = tmp_path / "log.csv"
     log.write_text("1,10,5,pv,1511539500\n2,11,5,buy,1511539300\n")
     with pytest.raises(InputDataError, match="raise --rate or --speedup"):
-        replay(log, "taobao", tmp_path / "landing", **pace, sleep=lambda s: pytest.fail("slept"))
+        replay(log, "taobao", LandingFolder(tmp_path / "landing", "taobao"), **pace,
+               sleep=lambda s: pytest.fail("slept"))
     assert not (tmp_path / "landing").exists()
 
 
@@ -127,8 +121,8 @@ def test_replay_paces_by_plausible_times_and_leaves_rejectable_lines_alone(tmp_p
     log.write_text("\n".join([odd[0], good[0], odd[1], good[1], odd[2], good[2]]) + "\n")
     waited: list[float] = []
     clock = iter(np.arange(1000.0, 9000.0, 0.25))
-    report = replay(log, "jsonl", tmp_path / "landing", speedup=10, clock=lambda: float(next(clock)),
-                    sleep=waited.append)
+    report = replay(log, "jsonl", LandingFolder(tmp_path / "landing", "jsonl"), speedup=10,
+                    clock=lambda: float(next(clock)), sleep=waited.append)
     assert report.events == 6 and sum(waited) < 10  # 20 s of log at 10x
     published = [line for f in (tmp_path / "landing").glob("events-*.jsonl") for line in f.read_text().splitlines()]
     assert set(odd) <= set(published)  # byte for byte
@@ -207,22 +201,6 @@ def test_lookup_never_offers_what_gold_says_the_user_bought_since(tmp_path: Path
 # --- against a trained champion ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(spark, tmp_path_factory) -> dict:
-    """A lakehouse with gold tables and a registered sasrec champion, plus a pristine copy."""
-    from recsys_spark.cli import main
-
-    folder = tmp_path_factory.mktemp("serving")
-    root = build_gold_lakehouse(folder, users=200, items=150, seed=11)
-    assert main(["train", "--model", "sasrec", "--root", root, *TINY]) == 0
-    pristine = folder / "pristine"
-    shutil.copytree(root, pristine)
-    stream_log = folder / "stream.jsonl"
-    write_log(GeneratorConfig(users=200, items=150, days=1, seed=12), stream_log, fmt="jsonl",
-              malformed_rate=0.05)
-    return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}
-
-
 @pytest.fixture
 def served_root(served, tmp_path) -> str:
     """A copy of the served lakehouse of this test's own: tests that write to it must not see
@@ -232,36 +210,32 @@ def served_root(served, tmp_path) -> str:
     return root
 
 
-def _table(root: str, name: str) -> pa.Table:
-    return DeltaTable(f"{root}/{name}").to_pyarrow_table()
-
-
 def test_score_batch_writes_every_user_once_without_bought_items(served_root, capsys) -> None:
     root = served_root
     code, result, err = run_cli(capsys, "score-batch", "--root", root, "--json", *QUIET,
                                 "--set", "serving.k=20", "--set", "serving.diversity_lambda=0.3")
     assert code == 0, err[-2000:]
-    recs = _table(root, "serving/recommendations").to_pylist()
-    users = _table(root, "gold/user_sequences").column("user_id").to_pylist()
+    recs = table(root, "serving/recommendations").to_pylist()
+    users = table(root, "gold/user_sequences").column("user_id").to_pylist()
     assert sorted(r["user_id"] for r in recs) == sorted(users)  # every user exactly once
     assert all(len(r["item_ids"]) == 20 and r["source"] == "batch" for r in recs)
-    events = _table(root, "silver/events").to_pylist()
+    events = table(root, "silver/events").to_pylist()
     bought = {(e["user_id"], e["item_id"]) for e in events if e["behavior_type"] == "buy"}
     assert bought and not any((r["user_id"], i) in bought for r in recs for i in r["item_ids"])
     assert 0 < result["catalogue_coverage"] <= 1 and 0 <= result["intra_list_diversity"] <= 1
-    assert _table(root, "serving/item_embeddings").num_rows == 150 or result["item_embeddings_version"] >= 0
+    assert table(root, "serving/item_embeddings").num_rows == 150 or result["item_embeddings_version"] >= 0
 
 
 def test_score_batch_leaves_out_items_newer_than_the_champion(served, tmp_path, capsys) -> None:
     # New items ingested after training (a challenger that lost keeps the old champion).
     root = str(tmp_path / "lake")
     shutil.copytree(served["pristine"], root)
-    users = _table(root, "gold/user_sequences").column("user_id").to_pylist()[:5]
-    times = [e.timestamp() for e in _table(root, "silver/events").column("event_ts").to_pylist()]
+    users = table(root, "gold/user_sequences").column("user_id").to_pylist()[:5]
+    times = [e.timestamp() for e in table(root, "silver/events").column("event_ts").to_pylist()]
     first, last = int(min(times)), int(max(times))
     newcomer = 800_000  # a new user who has seen only new items: nothing the champion knows
     new = tmp_path / "new.csv"
-    everyone = _table(root, "gold/user_sequences").column("user_id").to_pylist()
+    everyone = table(root, "gold/user_sequences").column("user_id").to_pylist()
     # a new item early in everyone's history, so evaluation meets new items in its inputs too
     new.write_text("".join(f"{u},{900_000 + k},1,pv,{first + 60 * k}\n" for k, u in enumerate(users))
                    + "".join(f"{u},900100,1,pv,{first + 7}\n" for u in everyone)
@@ -273,7 +247,7 @@ def test_score_batch_leaves_out_items_newer_than_the_champion(served, tmp_path, 
     code, evaluated, err = run_cli(capsys, "evaluate", "--version", "1", "--root", root, "--json", *QUIET)
     assert code == 0, err[-2000:]
     assert evaluated["ndcg@10"] > 0
-    recs = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    recs = {r["user_id"]: r for r in table(root, "serving/recommendations").to_pylist()}
     assert set(users) <= set(recs) and recs[users[0]]["model_name"] == "sasrec"
     assert not any(i >= 900_000 for r in recs.values() for i in r["item_ids"])
     # ...and the newcomer gets the popular items (the cold-start list), not item index order
@@ -293,7 +267,7 @@ def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, c
     shutil.copytree(served["pristine"], root)
     code, _, err = run_cli(capsys, "score-batch", "--root", root, *QUIET)
     assert code == 0, err[-2000:]
-    first = _table(root, "serving/recommendations").to_pylist()[0]
+    first = table(root, "serving/recommendations").to_pylist()[0]
     user, top = first["user_id"], first["item_ids"][0]
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
@@ -302,13 +276,13 @@ def test_score_batch_never_offers_what_the_stream_saw_bought(served, tmp_path, c
     # other rules in the same session: Python workers that keep the model must not keep the rules
     code, _, err = run_cli(capsys, "score-batch", "--root", root, "--set", "serving.k=7", *QUIET)
     assert code == 0, err[-2000:]
-    again = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    again = {r["user_id"]: r for r in table(root, "serving/recommendations").to_pylist()}
     assert top not in again[user]["item_ids"] and len(again[user]["item_ids"]) == 7
     # rules that leave nothing: empty lists, and a warning saying why
     code, _, err = run_cli(capsys, "score-batch", "--root", root, "--set", "serving.category_allow=[123456789]",
                            *QUIET)
     assert code == 0 and "score_batch.empty_lists" in err
-    assert not any(r["item_ids"] for r in _table(root, "serving/recommendations").to_pylist() if r["source"] == "batch")
+    assert not any(r["item_ids"] for r in table(root, "serving/recommendations").to_pylist() if r["source"] == "batch")
 
 
 def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) -> None:
@@ -331,12 +305,12 @@ def test_nearline_rules_follow_rebuilt_item_features(spark, served, tmp_path) ->
     assert rebuilt.champion is first.champion and set(rebuilt.catalogue.categories.tolist()) == {999}
     # A user whose stream state predates purchases that batch ingest brought to gold since:
     # those purchases count as bought too.
-    buyer = next(r for r in _table(str(root), "gold/user_sequences").to_pylist() if r["bought_items"])
+    buyer = next(r for r in table(str(root), "gold/user_sequences").to_pylist() if r["bought_items"])
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
         "user_id": buyer["user_id"], "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
         "last_event_ts": now, "stream_batch_id": 0, "updated_at": now}], schema=USER_STATE_SCHEMA))
-    raw = dict(zip(*_table(str(root), "silver/item_index").select(["item_idx", "item_id"]).to_pydict().values(),
+    raw = dict(zip(*table(str(root), "silver/item_index").select(["item_idx", "item_id"]).to_pydict().values(),
                    strict=True))
     history = sink._histories([buyer["user_id"]])[buyer["user_id"]]
     assert history.item_ids == [1] and {raw[i] for i in buyer["bought_items"]} <= history.bought
@@ -362,7 +336,7 @@ def test_nearline_reads_a_known_users_gold_once_per_gold_version(spark, served, 
         return user_rows(root, table, version, users)
 
     monkeypatch.setattr(streaming, "_user_rows", spy)
-    known, newcomer, stranger = sorted(_table(str(root), "gold/user_sequences").column("user_id").to_pylist())[:3]
+    known, newcomer, stranger = sorted(table(str(root), "gold/user_sequences").column("user_id").to_pylist())[:3]
     now = datetime.now(UTC)
     write_deltalake(f"{root}/serving/user_state", pa.Table.from_pylist([{
         "user_id": known, "item_ids": [1], "behaviors": ["pv"], "event_ts": [now], "bought": [],
@@ -380,12 +354,6 @@ def test_nearline_reads_a_known_users_gold_once_per_gold_version(spark, served, 
     assert read_from_gold[-1] == [known, stranger]
 
 
-def _land(folder: Path, lines: list[str | bytes], name: str) -> None:
-    hidden = folder / f".{name}"
-    hidden.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
-    os.replace(hidden, folder / name)
-
-
 @pytest.mark.slow
 def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, served_root, tmp_path, capsys) -> None:
     from recsys_spark.serving.streaming import start_stream
@@ -397,32 +365,32 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     settings = make_settings(Path(root), f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5")
     lake = open_lakehouse(spark, settings)
     assert run_cli(capsys, "score-batch", "--root", root, *QUIET)[0] == 0
-    before = {r["user_id"]: r for r in _table(root, "serving/recommendations").to_pylist()}
+    before = {r["user_id"]: r for r in table(root, "serving/recommendations").to_pylist()}
     # two users with history and batch rows
-    u1, u2 = sorted(_table(root, "gold/user_sequences").column("user_id").to_pylist())[:2]
+    u1, u2 = sorted(table(root, "gold/user_sequences").column("user_id").to_pylist())[:2]
     now = int(time.time() * 1000)
     good = [json.dumps({"user_id": u, "item_id": i, "behavior_type": "pv", "ts": now})
             for u, i in ((u1, 5), (u2, 6), (u1, 7))]
     latin1 = b'{"user_id": 4, "item_id": 5, "behavior_type": "pv", "ts": 1, "city": "Z\xfcrich"}'
-    _land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken", latin1],
+    land(landing, [*good, '{"user_id": 3, "item_id": "x", "behavior_type": "pv", "ts": 1}', "{broken", latin1],
           "a-10:00.jsonl")  # a ':' in the name must not stop the query
     query = start_stream(spark, lake, settings)
     try:
         query.processAllAvailable()
-        nearline = [r for r in _table(root, "serving/recommendations").to_pylist() if r["source"] == "nearline"]
+        nearline = [r for r in table(root, "serving/recommendations").to_pylist() if r["source"] == "nearline"]
         assert sorted(r["user_id"] for r in nearline) == [u1, u2]  # exactly the touched users
         assert {r["model_version"] for r in nearline} == {"1"}
-        state = {r["user_id"]: r for r in _table(root, "serving/user_state").to_pylist()}
+        state = {r["user_id"]: r for r in table(root, "serving/user_state").to_pylist()}
         assert set(state) == {u1, u2} and state[u1]["item_ids"][-2:] == [5, 7]
         # every earlier purchase counts as bought, not only those inside the gold sequence window
-        silver = _table(root, "silver/events").to_pylist()
+        silver = table(root, "silver/events").to_pylist()
         for user in (u1, u2):
             buys = {e["item_id"] for e in silver if e["user_id"] == user and e["behavior_type"] == "buy"}
             assert buys <= set(state[user]["bought"])
-        reasons = sorted(r["reason"] for r in _table(root, "quarantine/events").to_pylist()
+        reasons = sorted(r["reason"] for r in table(root, "quarantine/events").to_pylist()
                          if r["ingest_run_id"].startswith("recsys-nearline-"))
         assert reasons == ["invalid_encoding", "invalid_id", "malformed_json"]
-        metrics = _table(root, "ops/stream_metrics").to_pylist()
+        metrics = table(root, "ops/stream_metrics").to_pylist()
         assert metrics[-1]["rows_in"] == 6 and metrics[-1]["rows_quarantined"] == 3
         assert metrics[-1]["latency_p95_s"] is not None
 
@@ -433,14 +401,14 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
         code, _, err = run_cli(capsys, "promote", "--version", "2", "--root", root, *QUIET)
         assert code == 0, err
         newcomer = 10**9 + 1  # unknown to the MF champion: popular items, not its item biases
-        _land(landing, [json.dumps({"user_id": u2, "item_id": 9, "behavior_type": "cart", "ts": now + 1000}),
+        land(landing, [json.dumps({"user_id": u2, "item_id": 9, "behavior_type": "cart", "ts": now + 1000}),
                         json.dumps({"user_id": newcomer, "item_id": 9, "behavior_type": "pv", "ts": now + 1000})],
               "b.jsonl")
         query.processAllAvailable()
         assert query.isActive  # malformed input never stopped it
     finally:
         query.stop()
-    rows = {(r["user_id"], r["source"]): r for r in _table(root, "serving/recommendations").to_pylist()}
+    rows = {(r["user_id"], r["source"]): r for r in table(root, "serving/recommendations").to_pylist()}
     assert rows[(u2, "nearline")]["model_version"] == "2" and rows[(u1, "nearline")]["model_version"] == "1"
     assert rows[(u2, "nearline")]["model_name"] == "mf" and rows[(newcomer, "nearline")]["model_name"] == "popularity"
     assert rows[(newcomer, "nearline")]["item_ids"][:10] == popular_items(root, 10)
@@ -452,14 +420,14 @@ def test_micro_batch_updates_touched_users_quarantines_and_hot_reloads(spark, se
     fresh = make_settings(Path(root), f"serving.stream.landing={tmp_path / 'landing2'}",
                           f"serving.stream.checkpoint={tmp_path / 'checkpoint2'}")
     (tmp_path / "landing2").mkdir()
-    _land(tmp_path / "landing2", [json.dumps({"user_id": u2, "item_id": 11, "behavior_type": "pv",
+    land(tmp_path / "landing2", [json.dumps({"user_id": u2, "item_id": 11, "behavior_type": "pv",
                                               "ts": now + 2000})], "c.jsonl")
     query = start_stream(spark, open_lakehouse(spark, fresh), fresh)
     try:
         query.processAllAvailable()
     finally:
         query.stop()
-    after = {(r["user_id"], r["source"]): r for r in _table(root, "serving/recommendations").to_pylist()}
+    after = {(r["user_id"], r["source"]): r for r in table(root, "serving/recommendations").to_pylist()}
     assert after[(u2, "nearline")]["stream_batch_id"] == 0
     assert after[(u2, "nearline")]["generated_at"] > rows[(u2, "nearline")]["generated_at"]
     unknown = lookup.get(10**9)
@@ -476,74 +444,26 @@ def test_the_stream_quarantines_long_and_hostile_lines_and_keeps_running(spark, 
     landing.mkdir()
     settings = make_settings(root, f"serving.stream.landing={landing}", "serving.stream.trigger_seconds=0.5",
                              "ingest.max_line_bytes=65536")
-    user = sorted(_table(str(root), "gold/user_sequences").column("user_id").to_pylist())[0]
+    user = sorted(table(str(root), "gold/user_sequences").column("user_id").to_pylist())[0]
     good = json.dumps({"user_id": user, "item_id": 5, "behavior_type": "pv", "ts": int(time.time() * 1000)})
     wide = json.dumps({"user_id": user, "item_id": 6, "behavior_type": "pv", "ts": int(time.time() * 1000),
                        "note": "x" * 5000})  # a value whose Parquet statistics Spark drops
-    _land(landing, [good, wide, "9" * 200_000, "{" * 10_000, b"a\x00b"], "hostile.jsonl")
+    land(landing, [good, wide, "9" * 200_000, "{" * 10_000, b"a\x00b"], "hostile.jsonl")
     query = start_stream(spark, open_lakehouse(spark, settings), settings)
     try:
         query.processAllAvailable()
         assert query.isActive
     finally:
         query.stop()
-    ours = [r for r in _table(str(root), "quarantine/events").to_pylist()
+    ours = [r for r in table(str(root), "quarantine/events").to_pylist()
             if r["ingest_run_id"].startswith("recsys-nearline-")]
     assert sorted(r["reason"] for r in ours) == ["line_too_long", "malformed_json", "malformed_json"]
     (too_long,) = [r for r in ours if r["reason"] == "line_too_long"]
     assert too_long["detail"].startswith("line of 200000 bytes") and len(too_long["raw"]) == 256
-    metrics = _table(str(root), "ops/stream_metrics").to_pylist()[-1]
+    metrics = table(str(root), "ops/stream_metrics").to_pylist()[-1]
     assert (metrics["rows_in"], metrics["rows_clean"], metrics["rows_quarantined"]) == (5, 2, 3)
     bronze = DeltaTable(str(root / "bronze" / "events_raw"))
     assert bronze.to_pyarrow_table(filters=[("raw", "=", wide)]).num_rows == 1
-
-
-def _stream_process(root: Path, landing: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "recsys_spark.cli", "stream", "--root", str(root), "--landing", str(landing),
-         "--format", "jsonl", "--until-idle", "4", *STREAM, *QUIET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def _snapshot(root: Path) -> dict[str, list]:
-    """The stream's tables without micro-batch lineage (batch ids, run ids): after a restart,
-    Spark's file source may put files that no micro-batch had claimed yet into a different
-    micro-batch than an uninterrupted run would, so lineage may differ while content may not."""
-    def rows(name: str, columns: list[str]) -> list:
-        records = DeltaTable(str(root / name)).to_pyarrow_table(columns=columns).to_pylist()
-        return sorted(json.dumps(r, default=str, sort_keys=True) for r in records)
-
-    return {
-        "recommendations": rows("serving/recommendations", ["user_id", "source", "item_ids", "model_version",
-                                                            "last_event_ts"]),
-        "user_state": rows("serving/user_state", ["user_id", "item_ids", "behaviors", "event_ts", "bought"]),
-        "bronze": rows("bronze/events_raw", ["raw", "source_file"]),
-        "quarantine": rows("quarantine/events", ["raw", "reason"]),
-    }
-
-
-def _assert_lineage_consistent(root: Path, landed: int) -> None:
-    """Each micro-batch committed once, its counts match what it wrote, and every nearline list
-    comes from its user's latest state."""
-    metrics = {r["batch_id"]: r for r in _table(str(root), "ops/stream_metrics").to_pylist()}
-    assert sorted(metrics) == list(range(len(metrics)))
-    assert sum(r["rows_in"] for r in metrics.values()) == landed
-
-    def per_batch(name: str) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for run_id in _table(str(root), name).column("ingest_run_id").to_pylist():
-            if run_id.startswith("recsys-nearline-"):  # "recsys-nearline-<query id>-<batch id>"
-                batch = int(run_id.rsplit("-", 1)[-1])
-                counts[batch] = counts.get(batch, 0) + 1
-        return counts
-
-    assert per_batch("bronze/events_raw") == {b: r["rows_in"] for b, r in metrics.items()}
-    assert per_batch("quarantine/events") == {b: r["rows_quarantined"] for b, r in metrics.items()
-                                              if r["rows_quarantined"]}
-    state = {r["user_id"]: r["stream_batch_id"] for r in _table(str(root), "serving/user_state").to_pylist()}
-    nearline = {r["user_id"]: r["stream_batch_id"] for r in _table(str(root), "serving/recommendations").to_pylist()
-                if r["source"] == "nearline"}
-    assert nearline == state
 
 
 @pytest.mark.slow
@@ -552,39 +472,28 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(served, tmp_path) -> Non
     landing.mkdir()
     lines = served["stream_log"].read_text().splitlines()[:600]
     for i in range(6):  # six files -> six micro-batches (one file per trigger)
-        _land(landing, lines[i * 100:(i + 1) * 100], f"part-{i}.jsonl")
+        land(landing, lines[i * 100:(i + 1) * 100], f"part-{i}.jsonl")
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     shutil.copytree(served["pristine"], reference)
     shutil.copytree(served["pristine"], interrupted)
 
-    process = _stream_process(reference, landing)
+    process = stream_process(reference, "--landing", str(landing), *STREAM)
     stderr = process.communicate(timeout=300)[1].decode()
     assert process.returncode == 0, stderr[-3000:]
     # A clean stop of an idle query is not worth a warning (Spark 4 logs one per stop).
     assert "Failed to cancel job group" not in stderr
 
-    process = _stream_process(interrupted, landing)
-    metrics = interrupted / "ops" / "stream_metrics" / "_delta_log"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None and not list(metrics.glob("*.json")):
-        time.sleep(0.1)
-    # somewhere inside a later micro-batch; RECSYS_TEST_KILL_SEED=<seed> repeats a run's kill point
-    seed = int(os.environ.get("RECSYS_TEST_KILL_SEED", random.SystemRandom().randrange(2**32)))
-    delay = random.Random(seed).uniform(0.0, 1.5)
-    print(f"kill -9 {delay:.3f} s after the first committed micro-batch (RECSYS_TEST_KILL_SEED={seed})")
-    time.sleep(delay)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    committed = len(list(metrics.glob("*.json")))
+    process = stream_process(interrupted, "--landing", str(landing), *STREAM)
+    seed, committed = kill_9_mid_run(process, interrupted)  # somewhere inside a later micro-batch
     assert 1 <= committed < 6, f"kill landed after {committed} batches (RECSYS_TEST_KILL_SEED={seed})"
-    process = _stream_process(interrupted, landing)
+    process = stream_process(interrupted, "--landing", str(landing), *STREAM)
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
 
-    expected, actual = _snapshot(reference), _snapshot(interrupted)
-    for table in expected:
-        assert actual[table] == expected[table], table
+    expected, actual = snapshot(reference), snapshot(interrupted)
+    for name in expected:
+        assert actual[name] == expected[name], name
     landed = [r for r in map(json.loads, actual["bronze"]) if "/landing/" in r["source_file"]]
     assert len(landed) == 600  # every landed line in bronze exactly once
-    assert len(_table(str(reference), "ops/stream_metrics")) == 6  # one file per micro-batch
-    _assert_lineage_consistent(reference, landed=600)
-    _assert_lineage_consistent(interrupted, landed=600)
+    assert len(table(reference, "ops/stream_metrics")) == 6  # one file per micro-batch
+    assert_lineage_consistent(reference, landed=600)
+    assert_lineage_consistent(interrupted, landed=600)

@@ -1,10 +1,17 @@
-"""``recsys replay``: play a behaviour log into a landing folder, as collectors would.
+"""``recsys replay``: play a behaviour log into a landing folder or a Kafka topic, as collectors would.
 
-Events are written in event-time order, in small files (one per tick), each published atomically
-(written under a hidden name, then renamed: Spark's file source ignores names starting with
-``.``). Pace: a steady ``rate`` in events per second, or the log's own timing sped up ``speedup``
-times. By default each event's timestamp is rewritten to the moment it is published, so the
-stream's event-time latency measures the platform, not the age of the log; ``keep_time`` keeps the
+Events are published in event-time order, a tick's worth at a time (every half second):
+
+* ``LandingFolder``: each tick one small file, published atomically (written under a hidden name,
+  then renamed: Spark's file source ignores names starting with ``.``);
+* ``KafkaTopic``: each event one message, keyed by its user id, so that one user's events land in
+  one partition and stay in order there (a line without a readable user id gets no key). The
+  topic is created with ``partitions`` partitions when it does not exist yet; the producer is
+  idempotent, so its retries (a broker that went away) never store a message twice.
+
+Pace: a steady ``rate`` in events per second, or the log's own timing sped up ``speedup`` times.
+By default each event's timestamp is rewritten to the moment it is published, so the stream's
+event-time latency measures the platform, not the age of the log; ``keep_time`` keeps the
 original times. Lines that cannot be parsed are passed through untouched (the stream quarantines
 them), in their original position.
 """
@@ -20,23 +27,152 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
-from recsys_spark.errors import InputDataError
+from recsys_spark.errors import InputDataError, KafkaUnavailableError
+from recsys_spark.logs import get_logger, log_event
+
+log = get_logger("replay")
 
 TICK_SECONDS = 0.5
 MAX_SECONDS = 366 * 86_400
+DEFAULT_PARTITIONS = 3
+KAFKA_TIMEOUT_SECONDS = 30.0  # topic metadata and creation
+# A message not acknowledged within this long fails the replay; until then the producer retries
+# (a broker restarting, a leader moving) and the replay waits for it at the end.
+DELIVERY_TIMEOUT_SECONDS = 300.0
 
 
 @dataclass
 class ReplayReport:
     events: int
-    files: int
     seconds: float
-    landing: str
+    sink: dict[str, Any]  # where the events went (the sink's ``summary``)
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+
+class Sink(Protocol):
+    """Where ``replay`` publishes: ``open`` once, ``publish`` a tick's (key, line) pairs, ``close``."""
+
+    def open(self, started: float) -> None: ...
+
+    def publish(self, events: list[tuple[str | None, str]]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+class LandingFolder:
+    """A tick's lines as one file of ``folder``, renamed into place whole."""
+
+    def __init__(self, folder: str | Path, fmt: str) -> None:
+        self.folder = Path(folder)
+        self.suffix = "csv" if fmt == "taobao" else "jsonl"
+        self.files = 0
+        self._prefix = ""
+
+    def open(self, started: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # the run id: replays started in the same second write distinct names
+        self._prefix = f"events-{int(started)}-{uuid.uuid4().hex[:8]}"
+
+    def publish(self, events: list[tuple[str | None, str]]) -> None:
+        name = f"{self._prefix}-{self.files:07d}.{self.suffix}"
+        hidden = self.folder / f".{name}.tmp"
+        hidden.write_text("\n".join(line for _, line in events) + "\n", encoding="utf-8", errors="surrogateescape")
+        os.replace(hidden, self.folder / name)  # atomic: the stream never sees half a file
+        self.files += 1
+
+    def close(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {"sink": "landing", "landing": str(self.folder), "files": self.files}
+
+
+class KafkaTopic:
+    """Each line one message of ``topic``, keyed by user id (see the module docstring)."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, partitions: int = DEFAULT_PARTITIONS) -> None:
+        self.bootstrap_servers, self.topic, self.partitions = bootstrap_servers, topic, partitions
+        self.messages = 0
+        self._failed: list[str] = []
+        self._producer: Any = None
+
+    def open(self, started: float) -> None:
+        from confluent_kafka import Producer
+
+        self.partitions = ensure_topic(self.bootstrap_servers, self.topic, self.partitions)
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers, "client.id": "recsys-replay",
+            # retries after a lost broker never store a message twice, and keep each partition's order
+            "enable.idempotence": True, "linger.ms": 5, "logger": log,
+            "message.timeout.ms": int(DELIVERY_TIMEOUT_SECONDS * 1000),
+        }
+        self._producer = Producer(config)
+
+    def publish(self, events: list[tuple[str | None, str]]) -> None:
+        for key, line in events:
+            value = line.encode("utf-8", errors="surrogateescape")
+            while True:
+                try:
+                    self._producer.produce(self.topic, value=value, key=key, on_delivery=self._delivered)
+                    break
+                except BufferError:  # the local queue is full (a broker away): wait for deliveries
+                    self._producer.poll(0.1)
+            self.messages += 1
+        self._producer.poll(0)
+
+    def _delivered(self, error: Any, _message: Any) -> None:
+        if error is not None:
+            self._failed.append(str(error))
+
+    def close(self) -> None:
+        if self._producer is None:
+            return
+        pending = self._producer.flush(DELIVERY_TIMEOUT_SECONDS + 10)  # each message succeeds or fails by then
+        self._producer = None  # its client threads end with it
+        if pending or self._failed:
+            cause = self._failed[0] if self._failed else f"{pending} still queued"
+            raise KafkaUnavailableError(f"{pending + len(self._failed)} of {self.messages} messages were not "
+                                        f"delivered to Kafka topic {self.topic!r} at {self.bootstrap_servers}: {cause}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"sink": "kafka", "topic": self.topic, "bootstrap_servers": self.bootstrap_servers,
+                "partitions": self.partitions, "messages": self.messages}
+
+
+def ensure_topic(bootstrap_servers: str, topic: str, partitions: int) -> int:
+    """Create ``topic`` with ``partitions`` partitions (the cluster's default replication) unless
+    it exists; returns its partition count. A topic still being deleted is waited for."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": log}
+    admin = AdminClient(config)
+    deadline = time.monotonic() + KAFKA_TIMEOUT_SECONDS
+    while True:
+        try:
+            # every topic's metadata: asking for this one alone would auto-create it on brokers
+            # that allow that, with their default partition count
+            existing = admin.list_topics(timeout=KAFKA_TIMEOUT_SECONDS).topics.get(topic)
+            if existing is not None and existing.error is None:
+                return len(existing.partitions)
+            future = admin.create_topics([NewTopic(topic, num_partitions=partitions)],
+                                         operation_timeout=KAFKA_TIMEOUT_SECONDS)[topic]
+            future.result(timeout=KAFKA_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            # created meanwhile by another client, or not yet gone after a deletion: look again
+            if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            raise KafkaUnavailableError(f"Kafka at {bootstrap_servers}: cannot use topic {topic!r}: {exc}") from exc
+        log_event(log, "replay.topic_created", topic=topic, partitions=partitions)
+        return partitions
 
 
 # Times outside these bounds are what ingest quarantines (timestamp_out_of_range).
@@ -73,6 +209,16 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     if len(keys) != len(set(keys)):
         raise ValueError("repeated key")
     return dict(pairs)
+
+
+def _user_key(line: str, fmt: str) -> str | None:
+    """The line's user id as a message key (None where the line has no readable one)."""
+    try:
+        user = line.split(",")[0] if fmt == "taobao" else json.loads(line)["user_id"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    text = str(user).strip()
+    return text if text.isdigit() else None
 
 
 def _retimed(line: str, fmt: str, now: float) -> str:
@@ -140,7 +286,7 @@ def _ticks(events: list[tuple[float, int, str]], rate: float | None, speedup: fl
 def replay(
     input_path: str | Path,
     fmt: str,
-    landing: str | Path,
+    sink: Sink,
     *,
     rate: float | None = None,
     speedup: float | None = None,
@@ -160,22 +306,17 @@ def replay(
     if duration > MAX_SECONDS:  # a typo such as 1e-3 for 1e3; sleeps that long also overflow
         raise InputDataError(f"at this pace the replay would take {duration / 86_400:.3g} days "
                              f"(more than {MAX_SECONDS // 86_400} allowed): raise --rate or --speedup")
-    folder = Path(landing)
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = "csv" if fmt == "taobao" else "jsonl"
     started = clock()
-    run = uuid.uuid4().hex[:8]
-    files = 0
-    for offset, batch in _ticks(events, rate, speedup):
-        wait = started + offset - clock()
-        if wait > 0:
-            sleep(wait)
-        now = clock()
-        lines = [line if keep_time or _event_time(line, fmt) is None else _retimed(line, fmt, now)
-                 for _, _, line in batch]
-        name = f"events-{int(started)}-{run}-{files:07d}.{suffix}"  # run: replays started together
-        hidden = folder / f".{name}.tmp"
-        hidden.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
-        os.replace(hidden, folder / name)  # atomic: the stream never sees half a file
-        files += 1
-    return ReplayReport(len(events), files, max(clock() - started, 1e-9), str(folder))
+    sink.open(started)
+    try:
+        for offset, batch in _ticks(events, rate, speedup):
+            wait = started + offset - clock()
+            if wait > 0:
+                sleep(wait)
+            now = clock()
+            lines = [line if keep_time or _event_time(line, fmt) is None else _retimed(line, fmt, now)
+                     for _, _, line in batch]
+            sink.publish([(_user_key(line, fmt), line) for line in lines])
+    finally:
+        sink.close()  # what was published is delivered, also when interrupted
+    return ReplayReport(len(events), max(clock() - started, 1e-9), sink.summary())

@@ -1,7 +1,8 @@
 """``recsys stream``: nearline updates of the serving table with Spark Structured Streaming.
 
-Each micro-batch of landed events (file source; Kafka where its connector is on the classpath)
-goes through ``NearlineSink``:
+Each micro-batch of events — lines of files landed in a folder, or messages of a Kafka topic
+(``serving.stream.source``; one event per message, its source named ``kafka:<topic>/<partition>/<offset>``)
+— goes through ``NearlineSink``:
 
 1. validate exactly like ingest (``parse_lines``): bad lines -> ``quarantine/events`` with their
    reason, every raw line -> ``bronze/events_raw``;
@@ -21,16 +22,21 @@ Keying on the batch id is sound because Spark writes a batch's offsets before ru
 that no written offsets cover yet may be grouped differently after a restart (the file source
 folds a file it had logged for its next batch into the batch it plans then), so batch ids are
 lineage: every table's content equals an uninterrupted run's, not which batch wrote each row.
+A Kafka micro-batch is an offset range per partition, logged before it runs, so a replayed batch
+reads the very same messages. Messages the query has not read that are gone from the topic
+(deleted, recreated, aged out) stop it with a line naming the topic, unless
+``serving.stream.kafka.fail_on_data_loss`` is false.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark.errors import AnalysisException, StreamingQueryException
 from pyspark.sql import functions as F
 
 from recsys_spark.config import Settings
@@ -78,7 +85,7 @@ from recsys_spark.constants import (
     USER_ID,
     USER_IDX,
 )
-from recsys_spark.errors import ConfigError, ModelIntegrityError, StreamFailedError
+from recsys_spark.errors import EngineUnavailableError, ModelIntegrityError, StreamFailedError
 from recsys_spark.ingest.parse import parse_lines
 from recsys_spark.ingest.pipeline import validation_rules
 from recsys_spark.ingest.transforms import BRONZE_COLUMNS, QUARANTINE_COLUMNS, lineage
@@ -400,21 +407,43 @@ class NearlineSink:
 
 
 def source_frame(spark: SparkSession, settings: Settings) -> DataFrame:
-    """The stream of raw lines: ``value`` (the line) and ``file`` (where it came from)."""
+    """The stream of raw lines: ``value`` (the line) and ``file`` (where it came from: the file,
+    or ``kafka:<topic>/<partition>/<offset>``)."""
     cfg = settings.serving.stream
     if cfg.source == "kafka":
-        if not (cfg.kafka_bootstrap_servers and cfg.kafka_topic):
-            raise ConfigError("serving.stream.source=kafka needs kafka_bootstrap_servers and kafka_topic")
-        frame = (spark.readStream.format("kafka")
-                 .option("kafka.bootstrap.servers", cfg.kafka_bootstrap_servers)
-                 .option("subscribe", cfg.kafka_topic).option("startingOffsets", "earliest").load())
-        return frame.select(F.col("value").cast("string").alias("value"),
+        reader = spark.readStream.format("kafka").options(**kafka_options(settings))
+        try:
+            frame = reader.load()
+        except AnalysisException as exc:
+            if "kafka" in str(exc).lower() and "data source" in str(exc).lower():
+                where = Path(settings.spark.jars_dir).resolve() if settings.spark.jars_dir else "unset"
+                raise EngineUnavailableError(
+                    f"serving.stream.source=kafka needs Spark's Kafka connector, which is not on the classpath "
+                    f"(spark.jars_dir: {where}; `make setup` fetches it)") from exc
+            raise
+        # A message without a value (a tombstone) is an empty line: quarantined like one.
+        return frame.select(F.coalesce(F.col("value").cast("string"), F.lit("")).alias("value"),
                             F.format_string("kafka:%s/%d/%d", "topic", "partition", "offset").alias("file"))
     landing = landing_dir(settings)
     Path(landing).mkdir(parents=True, exist_ok=True)
     frame = (spark.readStream.format("text").option("maxFilesPerTrigger", cfg.max_files_per_trigger)
              .load(literal_path(landing)))
     return frame.select("value", F.col("_metadata.file_path").alias("file"))
+
+
+def kafka_options(settings: Settings) -> dict[str, str]:
+    """The options of Spark's Kafka source for ``serving.stream.kafka``."""
+    kafka = settings.serving.stream.kafka
+    options = {
+        "kafka.bootstrap.servers": settings.kafka_bootstrap_servers,
+        "subscribe": kafka.topic,
+        "startingOffsets": kafka.starting_offsets,
+        "failOnDataLoss": str(kafka.fail_on_data_loss).lower(),
+        **kafka.options,
+    }
+    if kafka.max_offsets_per_trigger is not None:
+        options["maxOffsetsPerTrigger"] = str(kafka.max_offsets_per_trigger)
+    return options
 
 
 def start_stream(spark: SparkSession, lake: Lakehouse, settings: Settings) -> StreamingQuery:
@@ -445,19 +474,48 @@ def run_stream(
 def _run_until_stopped(
     query: StreamingQuery, settings: Settings, *, until_idle: float | None, timeout: float | None
 ) -> dict[str, Any]:
-    log_event(log, "stream.start", landing=landing_dir(settings), checkpoint=checkpoint_dir(settings))
+    cfg = settings.serving.stream
+    source = ({"topic": cfg.kafka.topic, "bootstrap_servers": settings.kafka_bootstrap_servers}
+              if cfg.source == "kafka" else {"landing": landing_dir(settings)})
+    log_event(log, "stream.start", **source, checkpoint=checkpoint_dir(settings))
     stop = threading.Event()
     with _stop_on_sigterm(stop):
         started = time.monotonic()
         batches = _watch(query, stop, started, until_idle=until_idle, timeout=timeout)
         log_event(log, "stream.stop", batches=batches, seconds=round(time.monotonic() - started, 1))
     if query.exception() is not None:
-        raise StreamFailedError(f"nearline query failed: {' '.join(str(query.exception()).split())[:2000]}")
+        raise StreamFailedError(failure_message(" ".join(str(query.exception()).split()), settings))
     return {"batches": batches, "seconds": round(time.monotonic() - started, 1),
-            "checkpoint": checkpoint_dir(settings), "landing": landing_dir(settings)}
+            "checkpoint": checkpoint_dir(settings), **source}
 
 
-@contextmanager
+def failure_message(error: str, settings: Settings) -> str:
+    """One line for a failed query: what happened to a Kafka topic in words, else Spark's error
+    without the query plan it appends."""
+    error = error.split(" === Streaming Query === ")[0]
+    cfg = settings.serving.stream
+    if cfg.source != "kafka":
+        return f"nearline query failed: {error[:2000]}"
+    where = f"Kafka topic {cfg.kafka.topic!r} at {settings.kafka_bootstrap_servers}"
+    after = ("The tables hold every micro-batch committed before; restart the stream on a new checkpoint "
+             "(serving.stream.checkpoint) to read what the topic holds now")
+    if "failOnDataLoss" in error:
+        found = re.search(r"Reason: (.+?)(?: with consumer group [^ ]+)?\.(?: |$)", error)
+        reason = found[1] if found else error[:300]
+        return (f"{where} no longer holds messages the query has not read yet ({reason}): "
+                f"the topic was deleted or recreated, or retention removed them. {after}, or set "
+                "serving.stream.kafka.fail_on_data_loss=false to skip what is gone")
+    if "UnknownTopicOrPartition" in error:
+        return f"{where} (or one of its partitions) is gone: it was deleted while the query read it. {after}"
+    if "kafka.common.errors.TimeoutException" in error:
+        cause = error.split("TimeoutException: ", 1)[1][:300]
+        return (f"no Kafka broker at {settings.kafka_bootstrap_servers} answered for topic {cfg.kafka.topic!r} "
+                f"within the consumer's timeouts and retries ({cause}). Restart the stream once the cluster is "
+                "back: it resumes from its checkpoint, without losing or repeating a message")
+    return f"nearline query on {where} failed: {error[:2000]}"
+
+
+@contextlib.contextmanager
 def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
     """SIGTERM sets ``stop`` during the block (the query then finishes what has landed); the
     previous handler is back afterwards. Signals reach the main thread only."""
@@ -491,8 +549,11 @@ def _watch(query: StreamingQuery, stop: threading.Event, started: float, *, unti
                 break
     except KeyboardInterrupt:
         pass
+    except StreamingQueryException:  # the query failed: run_stream reports its exception
+        pass
     finally:
         if query.isActive:
-            query.processAllAvailable()  # commit what has landed before stopping
+            with contextlib.suppress(StreamingQueryException):  # failing now: reported the same way
+                query.processAllAvailable()  # commit what has landed before stopping
             query.stop()
     return batches
