@@ -30,6 +30,7 @@ from recsys_spark.evaluation.metrics import metric_key
 from recsys_spark.logs import configure_logging, get_logger, log_event
 from recsys_spark.training.batches import TRAIN_COLUMNS, sequence_batch
 from recsys_spark.training.data import DeltaBatches, TableSlice, collate_with, prefetch
+from recsys_spark.training.placement import rank_placement
 from recsys_spark.training.tasks import LossModule, LossOptions, ModelSpec, Task, get_task
 
 log = get_logger("train")
@@ -107,8 +108,11 @@ def _start() -> _Rank:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        # Ranks share the machine's cores: oversubscribing threads slows every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # Exactly the CPUs this rank was given: the launcher sets OMP_NUM_THREADS to its Spark
+        # task's CPUs (cluster) or the driver's cores shared among the local ranks. More threads
+        # than cores spin against each other and against Spark's own tasks.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
+    log_event(log, "train.rank", **rank_placement())
     return _Rank(rank, world, device, os.getppid())
 
 
