@@ -20,7 +20,8 @@ AIRFLOW_VENV := .venv-airflow
 AIRFLOW_LOCK := airflow_dags/requirements-airflow.lock
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: setup airflow-setup airflow demo test lint bench mlflow-ui clean kafka-up kafka-down
+.PHONY: setup airflow-setup airflow demo test lint bench mlflow-ui clean kafka-up kafka-down dist \
+	cluster-up cluster-down mlflow-server mlflow-server-down
 
 setup: $(STAMP) $(JARS_STAMP) $(KAFKA_JARS_STAMP)
 
@@ -97,5 +98,31 @@ bench: setup
 mlflow-ui: setup
 	$(VENV)/bin/recsys ui $(if $(ROOT),--root $(ROOT))
 
+# The package as spark-submit ships it: --py-files dist/recsys_spark-0.1.0.zip. A wheel is a zip,
+# but pyspark puts only .zip/.egg/.jar files of --py-files on the executors' path, hence the copy.
+DIST ?= dist
+dist: setup
+	@mkdir -p $(DIST)
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	@cp $(DIST)/recsys_spark-0.1.0-py3-none-any.whl $(DIST)/recsys_spark-0.1.0.zip
+	@echo "$(DIST)/recsys_spark-0.1.0.zip"
+
+# A Spark standalone cluster on 127.0.0.1 (master spark://127.0.0.1:$(MASTER_PORT), two workers of
+# 1 core and 2 GB) and an MLflow tracking server on http://127.0.0.1:$(MLFLOW_PORT); pids, logs
+# and data in .cluster/ (scripts/services.py; the cluster tests start their own on other ports).
+MASTER_PORT ?= 7077
+MLFLOW_PORT ?= 5000
+cluster-up: setup
+	$(PY) scripts/services.py cluster-up --port $(MASTER_PORT)
+
+cluster-down:
+	$(PY) scripts/services.py cluster-down
+
+mlflow-server: setup
+	$(PY) scripts/services.py mlflow-up --port $(MLFLOW_PORT)
+
+mlflow-server-down:
+	$(PY) scripts/services.py mlflow-down
+
 clean:
-	rm -rf lakehouse demo-data .pytest_cache .airflow
+	rm -rf lakehouse demo-data .pytest_cache .airflow dist

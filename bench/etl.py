@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,11 +40,24 @@ EVENTS_PER_USER_DAY = 4.7  # what the generator produces on average
 FLOOR_SCHEMA = "user_id long, item_id long, category_id long, behavior_type string, ts long"
 
 
-def _settings(root: Path):
+# The pipeline's variants, each on the same input in the same run: local on the embedded engine
+# (the default), local on Delta's Spark engine, and on a Spark standalone cluster of two 1-core
+# workers (scripts/services.py, on bench ports) with the delta-spark engine.
+VARIANTS = ("delta-rs", "delta-spark", "cluster")
+CLUSTER_PORT = 17177
+CLUSTER_UI_PORT = 17180
+
+
+def _settings(root: Path, variant: str = "delta-rs"):
     from recsys_spark.config import load_settings
 
-    return load_settings(REPO / "conf" / "local.yaml", root=root,
-                         overrides=["logging.level=WARNING"], environ={})
+    if variant == "cluster":
+        overrides = ["logging.level=WARNING", f"spark.master=spark://127.0.0.1:{CLUSTER_PORT}",
+                     f"spark.jars_dir={REPO / '.jars' / 'spark'}", f"spark.conf.spark.pyspark.python={sys.executable}"]
+        return load_settings(REPO / "conf" / "standalone.yaml", root=root, overrides=overrides, environ={})
+    return load_settings(REPO / "conf" / "local.yaml", root=root, environ={},
+                         overrides=["logging.level=WARNING", f"storage.engine={variant}",
+                                    f"spark.jars_dir={REPO / '.jars' / 'spark'}"])
 
 
 def worker_floor(csv: str, work: Path) -> dict:
@@ -107,16 +121,18 @@ class _StageSeconds(logging.Handler):
             self.seconds[stage] = self.seconds.get(stage, 0.0) + fields["seconds"]
 
 
-def worker_pipeline(csv: str, work: Path) -> dict:
+def worker_pipeline(csv: str, work: Path, variant: str = "delta-rs") -> dict:
     from recsys_spark.features import build_features
     from recsys_spark.ingest import run_ingest
     from recsys_spark.spark import get_spark
     from recsys_spark.storage import open_lakehouse
 
-    settings = _settings(work / "lakehouse")
+    settings = _settings(work / f"lakehouse-{variant}", variant)
+    started = time.perf_counter()
     spark = get_spark(settings)
     lake = open_lakehouse(spark, settings)
     spark.range(1).count()
+    startup = time.perf_counter() - started
     stages = _StageSeconds()
     logger = logging.getLogger("recsys")
     for handler in logger.handlers:
@@ -132,6 +148,7 @@ def worker_pipeline(csv: str, work: Path) -> dict:
         "ingest_seconds": middle - start,
         "features_seconds": end - middle,
         "seconds": end - start,
+        "startup_seconds": startup,
         "rows_clean": report.rows_clean,
         "gold_rows": features.rows,
         "stages": stages.seconds,
@@ -139,6 +156,11 @@ def worker_pipeline(csv: str, work: Path) -> dict:
 
 
 WORKERS = {"floor": worker_floor, "minimum": worker_minimum, "pipeline": worker_pipeline}
+
+
+def _services(*args: str) -> None:
+    subprocess.run([sys.executable, str(REPO / "scripts" / "services.py"), "--state",
+                    str(REPO / ".tmp" / "bench-cluster"), *args], check=True)
 
 
 def _stage_list(stages: dict[str, float]) -> str:
@@ -149,16 +171,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--work", type=Path, default=REPO / ".tmp" / "bench-etl")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="pipeline variants to run beside the floor (delta-rs is the reference)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, default="delta-rs", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.input, args.work)))
+        extra = (args.variant,) if args.worker == "pipeline" else ()
+        print(json.dumps(WORKERS[args.worker](args.input, args.work, *extra)))
         return
+    if "delta-rs" not in args.variants:
+        parser.error("--variants must include delta-rs, the reference")
+    if "cluster" in args.variants:
+        _services("cluster-up", "--port", str(CLUSTER_PORT), "--ui-port", str(CLUSTER_UI_PORT),
+                  "--worker-ui-port", str(CLUSTER_UI_PORT + 1))
+    try:
+        _run(args)
+    finally:
+        if "cluster" in args.variants:
+            _services("cluster-down")
+
+
+def _run(args: argparse.Namespace) -> None:
 
     from recsys_spark.generate import GeneratorConfig, write_log
 
     rows = []
+    engine_rows = []
     for size in args.sizes:
         work = args.work / str(size)
         shutil.rmtree(work, ignore_errors=True)
@@ -171,9 +211,16 @@ def main() -> None:
         print(f"[{size:,}] floor    {floor.result['seconds']:.1f}s  peak {gib(floor.peak_total_bytes)}", flush=True)
         minimum = run_worker([__file__, "--worker", "minimum", "--input", str(csv), "--work", str(work)])
         print(f"[{size:,}] minimum  {minimum.result['seconds']:.1f}s", flush=True)
-        pipe = run_worker([__file__, "--worker", "pipeline", "--input", str(csv), "--work", str(work)])
-        print(f"[{size:,}] pipeline {pipe.result['seconds']:.1f}s  peak {gib(pipe.peak_total_bytes)}", flush=True)
+        variants = {}
+        for variant in args.variants:
+            variants[variant] = run_worker([__file__, "--worker", "pipeline", "--variant", variant, "--input",
+                                            str(csv), "--work", str(work)])
+            print(f"[{size:,}] pipeline {variant:<11} {variants[variant].result['seconds']:.1f}s  startup "
+                  f"{variants[variant].result['startup_seconds']:.1f}s  peak "
+                  f"{gib(variants[variant].peak_total_bytes)}", flush=True)
+        pipe = variants["delta-rs"]
         rows.append((report.events, floor, minimum, pipe))
+        engine_rows.append((report.events, floor, variants))
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [
@@ -222,6 +269,39 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     record("etl", table)
+    if len(args.variants) > 1:
+        engines = _engine_table(engine_rows)
+        print("\n" + engines)
+        record("etl-engines", engines)
+
+
+def _engine_table(engine_rows: list) -> str:
+    lines = [
+        "## ETL on each engine and on a standalone cluster",
+        "",
+        f"`python bench/etl.py` on {machine()}, in the same run and on the same input as above: the pipeline "
+        "(ingest + features) in local mode on the embedded engine (delta-rs, the default) and on Delta's own "
+        "Spark engine (delta-spark), and on a Spark standalone cluster of two workers of 1 core each on this "
+        "machine (`scripts/services.py`, `conf/standalone.yaml`: delta-spark, 4 shuffle partitions, 1.5 GB "
+        "executors; the driver in the benchmark's process). Startup = session start and a first job. "
+        "Ratio = pipeline seconds / delta-rs pipeline seconds.",
+        "",
+        "| events | variant | startup s | ingest s | features s | pipeline s | ratio to delta-rs | ratio to floor "
+        "| peak (JVM / Python) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for events, floor, variants in engine_rows:
+        reference = variants["delta-rs"].result["seconds"]
+        for variant, run in variants.items():
+            r = run.result
+            lines.append(
+                f"| {events:,} | {variant} | {r['startup_seconds']:.1f} | {r['ingest_seconds']:.1f} "
+                f"| {r['features_seconds']:.1f} | {r['seconds']:.1f} | **{r['seconds'] / reference:.2f}** "
+                f"| {r['seconds'] / floor.result['seconds']:.2f} | {gib(run.peak_jvm_bytes)} / "
+                f"{gib(run.peak_python_bytes)} |")
+    lines += ["", "Peak memory is the benchmark process tree's (driver JVM and Python; on the cluster the "
+              "executors run in the workers' JVMs, outside it)."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,15 @@ def _require_lakehouse(settings: Settings) -> None:
         raise RecsysError(f"no lakehouse at {settings.root}: check --root, or run `recsys ingest` first")
 
 
+def _require_tracking(settings: Settings) -> None:
+    """Commands that log to or load from MLflow check it answers before Spark starts: an
+    unreachable server fails in seconds, with nothing written."""
+    _require_lakehouse(settings)  # before a default store is created in it
+    from recsys_spark.tracking import connect
+
+    connect(settings)
+
+
 def _session(settings: Settings, *, new_lakehouse: bool = False) -> tuple[Any, Any]:
     from recsys_spark.spark import get_spark
     from recsys_spark.storage import open_lakehouse
@@ -400,6 +409,7 @@ def _metric_line(metrics: dict[str, float]) -> str:
 def _train(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.training.runner import run_training
 
+    _require_tracking(settings)
     spark, lake = _session(settings)
     report = run_training(spark, lake, settings, model=args.model, resume_run_id=args.resume,
                           gate=not args.no_gate, run_key=args.run_key)
@@ -428,6 +438,7 @@ def _baselines(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     unknown = [n for n in args.names if n not in BASELINE_NAMES]
     if unknown:
         raise UsageError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINE_NAMES)}")
+    _require_tracking(settings)
     _, lake = _session(settings)
     results = run_baselines(lake, settings, tuple(args.names) or BASELINE_NAMES)
     for r in results:
@@ -470,6 +481,7 @@ def _ui(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def _score_batch(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from recsys_spark.serving.scoring import score_all_users
 
+    _require_tracking(settings)
     spark, lake = _session(settings)
     report = score_all_users(spark, lake, settings, generated_at=args.generated_at)
     _say(args, f"{report['users']:,} users scored with {report['model_name']} v{report['model_version']}: "
@@ -485,6 +497,7 @@ def _stream(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         settings.serving.stream.landing = args.landing
     if args.format:
         settings.serving.stream.format = args.format
+    _require_tracking(settings)
     spark, lake = _session(settings)
     report = run_stream(spark, lake, settings, until_idle=args.until_idle, timeout=args.timeout)
     _say(args, f"stream stopped after {report['batches']} micro-batches ({report['seconds']}s)")

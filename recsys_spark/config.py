@@ -55,7 +55,8 @@ def _as_utc(value: datetime | None) -> datetime | None:
 
 class SparkSettings(_Section):
     master: str | None = Field(
-        "local[*]", description="Spark master URL; null leaves it to spark-submit on clusters."
+        "local[*]", description="Spark master URL when recsys starts Spark itself; under spark-submit "
+        "its --master wins. null: pyspark's default."
     )
     app_name: str = Field("recsys-spark", description="Spark application name.")
     driver_memory: str | None = Field(
@@ -69,6 +70,11 @@ class SparkSettings(_Section):
     )
     conf: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Any further Spark properties, passed through as-is."
+    )
+    executor_wait_seconds: float = Field(
+        120.0, gt=0, description=(
+            "Cluster masters: how long a new session waits for its first executor, and training for "
+            "the task slots of its ranks, before failing with the reason (instead of hanging)."),
     )
     jars_dir: str | None = Field(
         ".jars/spark",
@@ -273,10 +279,12 @@ class EvaluationSettings(_Section):
 
 class MlflowSettings(_Section):
     tracking_uri: str | None = Field(
-        None, description="Default: a SQLite store at <root>/mlflow/mlflow.db."
+        None, description="Default: a SQLite store at <root>/mlflow/mlflow.db. On clusters: the "
+        "tracking server's http(s) URL, so executors reach runs, registry and artifacts over HTTP."
     )
     artifact_location: str | None = Field(
-        None, description="Default: <root>/mlflow/artifacts (new experiments only)."
+        None, description="Default: <root>/mlflow/artifacts, or with a tracking server the server's "
+        "own artifact root (new experiments only)."
     )
     experiment: str = Field("recsys", description="Experiment every model and baseline logs to.")
     registered_model: str = Field(

@@ -12,8 +12,10 @@ import glob
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,7 @@ DELTA_TABLE_CLASS = "io.delta.tables.DeltaTable"
 # The Kafka connector's jars among those jars/pom.xml fetches into spark.jars_dir (file-name
 # prefixes); the others there are Delta's.
 KAFKA_CONNECTOR_JARS = ("spark-sql-kafka-0-10_", "spark-token-provider-kafka-0-10_", "kafka-clients-", "commons-pool2-")
+MASTER_CONNECT_SECONDS = 5.0
 
 # Properties every stage relies on, local or cluster (config's spark.conf may still override the
 # tuning ones): UTC everywhere, and Parquet timestamps as INT64 micros (INT96 carries no
@@ -69,6 +72,41 @@ def is_local(settings: Settings) -> bool:
     return (settings.spark.master or "").startswith("local")
 
 
+def submitted() -> bool:
+    """Whether spark-submit started this driver (its JVM is up, waiting for pyspark to connect)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _submitted_master() -> str | None:
+    """The --master spark-submit was given (read from its JVM's properties)."""
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # noqa: SLF001 - connects to spark-submit's JVM; starts no context
+    return SparkConf().get("spark.master", None)
+
+
+def check_master_reachable(master: str) -> None:
+    """Fail at once on a standalone master URL nothing listens at.
+
+    Spark itself retries the registration for a minute, then stops the context in the background,
+    and the first job fails with "SparkContext was shut down" (or waits forever for resources).
+    """
+    if not master.startswith("spark://"):
+        return
+    errors = []
+    for address in master.removeprefix("spark://").split(","):  # HA: several masters
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=MASTER_CONNECT_SECONDS):
+                return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{address}: {getattr(exc, 'strerror', None) or exc}")
+    raise EngineUnavailableError(
+        f"Spark master {master} is unreachable ({'; '.join(errors)}); check spark.master "
+        "(or spark-submit --master) and that the cluster runs"
+    )
+
+
 def session_conf(settings: Settings) -> dict[str, str]:
     """All properties the factory sets, in the order later ones win."""
     conf = dict(REQUIRED_CONF)
@@ -97,8 +135,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
     conf.update(
         {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.spark.conf.items()}
     )
-    extra = project_jars(settings, delta=settings.storage.engine == "delta-spark",
-                         kafka=settings.serving.stream.source == "kafka")
+    # Under spark-submit the driver's classpath is fixed already: jars come from --jars/--packages,
+    # and setting spark.jars here would replace spark-submit's list for the executors.
+    extra = [] if submitted() else project_jars(settings, delta=settings.storage.engine == "delta-spark",
+                                                   kafka=settings.serving.stream.source == "kafka")
     if extra:
         conf["spark.jars"] = ",".join([*filter(None, conf.get("spark.jars", "").split(",")), *extra])
     if settings.storage.engine == "delta-spark" or (
@@ -108,10 +148,15 @@ def session_conf(settings: Settings) -> dict[str, str]:
         conf.setdefault("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
         # New tables without deletion vectors stay readable by the delta-rs engine.
         conf.setdefault("spark.databricks.delta.properties.defaults.enableDeletionVectors", "false")
-        if is_local(settings):
-            # Delta rebuilds a table's state in 50 tasks by default, sized for clusters: on a few
-            # local cores that made every small commit and read 3-4x slower (measured).
-            conf.setdefault("spark.databricks.delta.snapshotPartitions", str(settings.spark.shuffle_partitions))
+        # Delta rebuilds a table's state from its log in 50 tasks by default, each read or write:
+        # on small tables that is most of a stage's time (~700 one-second tasks in one score-batch
+        # on the standalone cluster). As many as the shuffle's, at most Delta's 50.
+        conf.setdefault("spark.databricks.delta.snapshotPartitions",
+                        str(min(50, settings.spark.shuffle_partitions)))
+        # VACUUM lists a table's folders in this many tasks (Spark's default: 10,000, which took
+        # 99 s of a 187 s `recsys maintain` of one small table on the standalone cluster).
+        conf.setdefault("spark.sql.sources.parallelPartitionDiscovery.parallelism",
+                        str(settings.spark.shuffle_partitions))
     return conf
 
 
@@ -160,6 +205,12 @@ def get_spark(settings: Settings) -> SparkSession:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    if submitted():
+        master = _submitted_master()
+        if master and master != settings.spark.master:
+            settings.spark.master = master  # spark-submit's --master wins over the config's
+    if settings.spark.master:
+        check_master_reachable(settings.spark.master)
     if is_local(settings):
         # Loopback only, and workers use this very interpreter (the venv's), not "python3".
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -176,6 +227,14 @@ def get_spark(settings: Settings) -> SparkSession:
     if settings.spark.master:
         builder = builder.master(settings.spark.master)
     conf = session_conf(settings)
+    if settings.storage.engine == "delta-spark" and not submitted() and not delta_jars_configured(conf):
+        # Before the JVM starts (and anything is written): a session without the jars would only
+        # fail once it opened the lakehouse.
+        raise EngineUnavailableError(
+            f"storage.engine is delta-spark but spark.jars_dir ({settings.spark.jars_dir}) holds no "
+            "Delta jars: run `make setup` (it fetches them), point spark.jars_dir at them, or use "
+            "storage.engine=delta-rs"
+        )
     for key, value in conf.items():
         builder = builder.config(key, value)
     try:
@@ -190,14 +249,49 @@ def get_spark(settings: Settings) -> SparkSession:
             f"could not start Spark ({type(exc).__name__}: {' '.join(str(exc).split())}); {hint}"
         ) from exc
     spark.sparkContext.setLogLevel(settings.spark.log_level)
+    if not is_local(settings):
+        try:
+            wait_for_slots(spark, 1, settings.spark.executor_wait_seconds, need="a Spark session")
+        except EngineUnavailableError:
+            spark.stop()
+            raise
     log_event(
         log,
         "spark.session",
         master=spark.sparkContext.master,
+        app_id=spark.sparkContext.applicationId,
         version=spark.version,
         shuffle_partitions=conf["spark.sql.shuffle.partitions"],
     )
     return spark
+
+
+def task_slots(spark: SparkSession) -> int:
+    """How many tasks the executors registered now can run at once (what a barrier stage needs)."""
+    sc = spark.sparkContext._jsc.sc()  # noqa: SLF001 - py4j: the scheduler's own count
+    return int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile()))
+
+
+def wait_for_slots(spark: SparkSession, slots: int, seconds: float, *, need: str) -> None:
+    """Wait until the cluster's executors offer ``slots`` concurrent tasks, or fail naming why.
+
+    Without this a job on a cluster without (enough) live workers waits for resources forever,
+    and a barrier stage (training's ranks) fails only after Spark's 40 checks 15 s apart.
+    """
+    if spark.conf.get("spark.dynamicAllocation.enabled", "false") == "true" and slots <= 1:
+        return  # executors come with the first job
+    deadline = time.monotonic() + seconds
+    while (found := task_slots(spark)) < slots:
+        if time.monotonic() > deadline:
+            master = spark.sparkContext.master
+            cpus = spark.conf.get("spark.task.cpus", "1")
+            raise EngineUnavailableError(
+                f"{need} needs {slots} concurrent task slot{'s' if slots > 1 else ''} but the executors of "
+                f"{master} offer {found} after {seconds:.0f} s (spark.task.cpus={cpus}): too few live "
+                "workers with free cores and memory; check the cluster, spark.conf (spark.executor.cores, "
+                "spark.executor.memory) and spark.executor_wait_seconds"
+            )
+        time.sleep(0.25)
 
 
 def delta_spark_loaded(spark: SparkSession) -> bool:

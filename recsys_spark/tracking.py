@@ -45,9 +45,18 @@ def _default_store(settings: Settings) -> Path:
     return Path(settings.root) / "mlflow" / "mlflow.db"
 
 
-def artifact_location(settings: Settings) -> str:
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (HTTP API) rather than a store this process opens."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Where new experiments keep artifacts; None lets a tracking server choose (with
+    ``--serve-artifacts``: its own root, served over HTTP, so no client needs that folder)."""
     if settings.mlflow.artifact_location:
         return settings.mlflow.artifact_location
+    if is_server(tracking_uri(settings)):
+        return None
     return (Path(settings.root) / "mlflow" / "artifacts").as_uri()
 
 
@@ -66,7 +75,8 @@ def connect(settings: Settings) -> MlflowClient:
         with environment(quick, keep_existing=True):
             client.search_experiments(max_results=1)
     except Exception as exc:  # any transport or store error means "unreachable" here
-        raise TrackingUnavailableError(f"MLflow tracking store {uri} is unreachable: {exc}") from exc
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {uri} is unreachable (check mlflow.tracking_uri): {exc}") from exc
     return client
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,101 @@ def served(spark, tmp_path_factory) -> dict:
     write_log(GeneratorConfig(users=200, items=150, days=1, seed=12), stream_log, fmt="jsonl",
               malformed_rate=0.05)
     return {"root": root, "pristine": pristine, "folder": folder, "stream_log": stream_log}
+
+
+# --- the whole pipeline on one small input, for comparisons across engines and with the cluster ---
+
+# Settings of every pipeline run compared across engines and with the cluster: tiny, quick models.
+PIPELINE_SETTINGS = ("training.epochs=2", "training.sasrec.dim=16", "training.sasrec.ffn_dim=32",
+                     "serving.stream.trigger_seconds=0.5")
+PIPELINE_BASELINES = ("popularity", "itemcf")
+# Columns that record when or by which run a row was written: they differ between any two runs.
+RUN_COLUMNS = {"ingested_at", "quarantined_at", "computed_at", "generated_at", "updated_at", "committed_at",
+               "ingest_run_id", "feature_run_id", "run_id"}
+# Tables compared row for row (ops/ tables hold timings and run ids).
+PIPELINE_TABLES = ("bronze/events_raw", "quarantine/events", "silver/events", "silver/user_index",
+                   "silver/item_index", "gold/user_features", "gold/item_features", "gold/user_sequences",
+                   "gold/training_examples", "serving/recommendations", "serving/item_embeddings",
+                   "serving/user_state")
+
+
+def cli_json(*argv: str) -> dict:
+    """``recsys ARGV --json`` in-process (sharing the test Spark session); its result, or fail."""
+    from recsys_spark.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--json"])
+    assert code == 0, f"recsys {' '.join(argv)} exited {code}:\n{err.getvalue()[-3000:]}"
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def pipeline_input(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small input for every whole-pipeline run: an event log with bad lines, and fresh
+    events (and bad lines) for the stream."""
+    from recsys_spark.generate import GeneratorConfig, write_log
+
+    folder = tmp_path_factory.mktemp("pipeline-input")
+    write_log(GeneratorConfig(users=200, items=150, days=6, seed=5), folder / "events.csv", malformed_rate=0.03)
+    write_log(GeneratorConfig(users=200, items=150, days=1, seed=6), folder / "fresh.jsonl", fmt="jsonl",
+              malformed_rate=0.05)
+    return {"events": folder / "events.csv", "fresh": folder / "fresh.jsonl"}
+
+
+def land(fresh: Path, landing: Path) -> None:
+    """Put the stream's events into ``landing`` as one file, whole (written aside, then renamed)."""
+    landing.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fresh, landing / ".fresh.jsonl")
+    (landing / ".fresh.jsonl").rename(landing / "fresh.jsonl")
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(spark: object, pipeline_input: dict[str, Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """``local_pipeline(engine)``: ingest -> features -> train -> baselines -> score-batch -> a short
+    stream on ``pipeline_input`` in local mode on that engine, run once per session; the root and
+    every stage's result."""
+    runs: dict[str, dict] = {}
+
+    def run(engine: str) -> dict:
+        if engine not in runs:
+            root = str(tmp_path_factory.mktemp(f"pipeline-{engine}") / "lake")
+            common = ["--root", root, "--set", f"storage.engine={engine}", "--set", "logging.level=WARNING",
+                      *(a for kv in PIPELINE_SETTINGS for a in ("--set", kv))]
+            result = {"root": root}
+            result["ingest"] = cli_json("ingest", "--format", "taobao", "--input", str(pipeline_input["events"]),
+                                        *common)
+            result["features"] = cli_json("features", *common)
+            result["train"] = cli_json("train", "--model", "sasrec", *common)
+            result["baselines"] = cli_json("baselines", *PIPELINE_BASELINES, *common)
+            result["score_batch"] = cli_json("score-batch", *common)
+            land(pipeline_input["fresh"], Path(root) / "_landing")
+            result["stream"] = cli_json("stream", "--until-idle", "3", "--timeout", "300", *common)
+            runs[engine] = result
+        return runs[engine]
+
+    return run
+
+
+def comparable(df):
+    """``df`` without the columns that differ between any two runs of the same input (run times and
+    ids, map columns), and with file paths reduced to their names (each run has its own root)."""
+    from pyspark.sql import functions as F
+
+    kept = []
+    for field in df.schema.fields:
+        if field.name in RUN_COLUMNS or field.dataType.typeName() == "map":
+            continue
+        if field.name == "source_file":
+            kept.append(F.regexp_extract(field.name, r"([^/]*)$", 1).alias(field.name))
+        else:
+            kept.append(F.col(field.name))
+    return df.select(*kept)
+
+
+def assert_same_rows(a, b, table: str) -> None:
+    a, b = comparable(a), comparable(b)
+    assert a.columns == b.columns, table
+    assert a.count() == b.count() > 0, table
+    assert a.exceptAll(b).count() == 0 and b.exceptAll(a).count() == 0, table

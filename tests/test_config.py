@@ -202,10 +202,10 @@ def test_local_session_reads_parquet_through_the_heap(spark) -> None:
     assert hadoop.get("parquet.hadoop.vectored.io.enabled") == "false"
 
 
-def test_a_local_delta_session_rebuilds_table_state_in_as_few_tasks_as_it_shuffles(tmp_path) -> None:
+def test_a_delta_session_rebuilds_table_state_in_as_few_tasks_as_it_shuffles(tmp_path) -> None:
     from recsys_spark.spark import session_conf
 
-    local = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.shuffle_partitions=3"))
-    assert local["spark.databricks.delta.snapshotPartitions"] == "3"
-    on_a_cluster = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.master=null"))
-    assert "spark.databricks.delta.snapshotPartitions" not in on_a_cluster  # Delta's own default there
+    small = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.shuffle_partitions=3"))
+    assert small["spark.databricks.delta.snapshotPartitions"] == "3"
+    large = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.shuffle_partitions=400"))
+    assert large["spark.databricks.delta.snapshotPartitions"] == "50"  # never more than Delta's own default

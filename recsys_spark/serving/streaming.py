@@ -170,7 +170,9 @@ def _user_rows(root: str, table: str, version: int | None, users: list[int]) -> 
 def _stamped(rows: pa.Table, run_id: str, at: datetime) -> pa.Table:
     """``rows`` with the lineage columns of ``ingest.transforms.lineage`` appended."""
     for name, value in lineage(run_id, at).items():
-        rows = rows.append_column(name, pa.array([value] * rows.num_rows))
+        # typed from the value: an empty slice would otherwise get Arrow's null type, which the
+        # delta-spark engine refuses as a schema change
+        rows = rows.append_column(name, pa.array([value] * rows.num_rows, type=pa.scalar(value).type))
     return rows
 
 

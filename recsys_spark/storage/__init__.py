@@ -351,9 +351,9 @@ def resolve_engine(spark: SparkSession, requested: str) -> TableEngine:
     if requested == "delta-spark" and not loaded:
         raise EngineUnavailableError(
             "storage.engine is delta-spark but Delta's jars are not on Spark's classpath; add "
-            "them (make setup fetches them into spark.jars_dir; on a cluster: spark-submit "
-            "--packages io.delta:delta-spark_4.2_2.13:4.4.0) or use "
-            "storage.engine=delta-rs"
+            "them (make setup fetches them into spark.jars_dir, which applies when recsys starts "
+            "Spark; under spark-submit: --jars with the jars of .jars/spark, or --packages "
+            "io.delta:delta-spark_4.2_2.13:4.4.0) or use storage.engine=delta-rs"
         )
     if loaded:
         from recsys_spark.storage.delta_spark import DeltaSparkEngine

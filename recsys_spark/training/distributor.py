@@ -14,12 +14,16 @@ hook is ``run`` itself, not the command builders it calls.
 
 from __future__ import annotations
 
+import os
 import socketserver
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyspark.ml.torch.distributor as spark_distributor
+from pyspark import TaskContext
 from pyspark.ml.torch.distributor import TorchDistributor
 from pyspark.ml.torch.log_communication import (  # type: ignore[attr-defined]
     _SERVER_POLL_INTERVAL,
@@ -43,10 +47,9 @@ class BoundTorchDistributor(TorchDistributor):
                                       **kwargs: Any) -> None:
         if kwargs:
             raise ValueError("a training file takes positional arguments only")
-        TorchDistributor._execute_command(
-            BoundTorchDistributor._torchrun_command(input_params, train_path, *args),
-            log_streaming_client=input_params.get("log_streaming_client"),
-        )
+        command = BoundTorchDistributor._torchrun_command(input_params, train_path, *args)
+        with _rank_environment(_threads_per_rank(input_params)):
+            TorchDistributor._execute_command(command, log_streaming_client=input_params.get("log_streaming_client"))
 
     @staticmethod
     def _torchrun_command(input_params: dict[str, Any], train_path: str, *args: Any) -> list[str]:
@@ -65,6 +68,38 @@ class BoundTorchDistributor(TorchDistributor):
             return super()._run_distributed_training(*args, **kwargs)
         finally:
             spark_distributor.LogStreamingServer = LogStreamingServer
+
+
+def _threads_per_rank(input_params: dict[str, Any]) -> int:
+    """The CPUs each rank started here may use: its Spark task's (``spark.task.cpus``) on a
+    cluster, the driver's cores shared among the ranks in local mode."""
+    per_node = input_params["num_processes"] if input_params["local_mode"] else 1  # one rank per task on CPU
+    context = TaskContext.get()
+    cpus = context.cpus() if context is not None else len(os.sched_getaffinity(0))
+    return max(1, cpus // per_node)
+
+
+@contextmanager
+def _rank_environment(threads: int) -> Iterator[None]:
+    """Environment of the torchrun launcher, undone afterwards (Spark reuses its Python workers).
+
+    * ``OMP_NUM_THREADS``: the ranks' thread count, read by torch at start-up (and by torchrun,
+      which would otherwise force 1 whenever a node runs several ranks);
+    * ``PYTHONPATH``: this task's ``sys.path``, so the ranks import the same code as the task that
+      starts them, including a package shipped with ``--py-files``, which Spark puts on the task's
+      path only.
+    """
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in sys.path if p))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _BoundLogStreamingServer(LogStreamingServer):

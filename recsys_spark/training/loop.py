@@ -32,6 +32,7 @@ from recsys_spark.logs import configure_logging, get_logger, log_event
 from recsys_spark.modeling.batches import TRAIN_COLUMNS, SequenceBatch, sequence_batch
 from recsys_spark.modeling.loader import DeltaBatches, TableSlice, collate_with, prefetch
 from recsys_spark.modeling.tasks import LossKind, LossModule, LossOptions, ModelSpec, Task, get_task
+from recsys_spark.training.placement import rank_placement
 
 if TYPE_CHECKING:
     from recsys_spark.config import Settings
@@ -145,8 +146,11 @@ def _start() -> _Rank:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        # Ranks share the machine's cores: oversubscribing threads slows every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # Exactly the CPUs this rank was given: the launcher sets OMP_NUM_THREADS to its Spark
+        # task's CPUs (cluster) or the driver's cores shared among the local ranks. More threads
+        # than cores spin against each other and against Spark's own tasks.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
+    log_event(log, "train.rank", **rank_placement())
     return _Rank(rank, world, device, os.getppid())
 
 

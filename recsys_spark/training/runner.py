@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from recsys_spark.modeling.gold import TrainingData, load_training_data
 from recsys_spark.modeling.package import load_registered_model
 from recsys_spark.modeling.tasks import TASKS, ModelSpec, get_task
 from recsys_spark.processes import environment
-from recsys_spark.spark import work_dir
+from recsys_spark.spark import wait_for_slots, work_dir
 from recsys_spark.storage import Lakehouse
 from recsys_spark.tracking import (
     CHAMPION,
@@ -196,6 +197,8 @@ def run_training(
     pinned = None if resume_run_id is None else _resumable(client, settings, name, resume_run_id)
     data = load_training_data(lake, settings, version=pinned)
     spec = build_spec(lake, settings, name, data)
+    if not _local_mode(spark, settings):  # before the run exists: a run that cannot start is no run
+        _check_cluster_training(spark, settings)
     run_id = _open_run(client, settings, name, resume_run_id, run_key)
     try:
         report = _train_and_register(spark, lake, settings, client, run_id, spec, data,
@@ -272,7 +275,7 @@ def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> TrainR
     from recsys_spark.training.distributor import BoundTorchDistributor
 
     t = settings.training
-    local = t.local_mode if t.local_mode is not None else str(spark.sparkContext.master).startswith("local")
+    local = _local_mode(spark, settings)
     scratch = Path(work_dir(settings)) / "torchrun"
     scratch.mkdir(parents=True, exist_ok=True)
     distributor = BoundTorchDistributor(num_processes=t.num_processes, local_mode=local,
@@ -288,6 +291,30 @@ def distribute(spark: SparkSession, settings: Settings, job: TrainJob) -> TrainR
         raise TrainingFailedError(f"training failed on a rank ({exc}); the ranks' output is above") from exc
     finally:
         tempfile.tempdir = None
+
+
+def _local_mode(spark: SparkSession, settings: Settings) -> bool:
+    """Ranks on the driver (TorchDistributor's local mode) or as barrier tasks on executors."""
+    chosen = settings.training.local_mode
+    return chosen if chosen is not None else str(spark.sparkContext.master).startswith("local")
+
+
+def _check_cluster_training(spark: SparkSession, settings: Settings) -> None:
+    """Ranks on executors: checkpoints on storage the driver shares, and a task slot per rank.
+
+    Rank 0 writes the checkpoints (and the best model the driver then registers) under
+    ``checkpoint_dir``; the driver reads them, so it must be shared storage, not a folder
+    of the executor's host.
+    """
+    root = Path(settings.root)
+    if "://" in settings.root or not checkpoint_dir(settings, "run").is_relative_to(root):
+        raise ConfigError(
+            f"training.local_mode=false keeps checkpoints under the lakehouse root, which must then be a "
+            f"folder the driver and every executor share (a mounted file system); root {settings.root} "
+            "is not one: set root to a shared mount, or training.local_mode=true"
+        )
+    wait_for_slots(spark, settings.training.num_processes, settings.spark.executor_wait_seconds,
+                   need=f"training.num_processes={settings.training.num_processes} (one barrier task per rank)")
 
 
 def _train_and_register(
@@ -463,10 +490,13 @@ def _log_models(
           mlflow.start_run(run_id=run_id)):
         artifacts = write_artifacts(Path(folder), spec, state, items, users)
         digests = artifact_digests(artifacts)
+        # A real file even when the package is imported from a zip (spark-submit --py-files).
+        code = Path(folder) / PYFUNC_CODE.name
+        code.write_bytes(resources.files("recsys_spark.modeling").joinpath(PYFUNC_CODE.name).read_bytes())
         raw_items = items.column(ITEM_ID).to_pylist()[:3]
         example = pd.DataFrame({"history": [raw_items], "user_id": [0]})
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts=artifacts,
+            name=MODEL_ARTIFACT, python_model=str(code), artifacts=artifacts,
             signature=_pyfunc_signature(), input_example=example,
             pip_requirements=PIP_REQUIREMENTS, registered_model_name=settings.mlflow.registered_model,
         )
