@@ -130,10 +130,16 @@ def spark_submit(services: Services, shipped: dict[str, Path], job: str, *args: 
     command += ["--py-files", str(shipped["zip"]), "--conf", f"spark.pyspark.python={shipped['python']}",
                 str(REPO / "jobs" / f"{job}.py"), "--config", str(REPO / "conf" / "standalone.yaml"),
                 "--set", f"mlflow.tracking_uri={TRACKING}", *args, "--json"]
+    return subprocess.run(command, cwd=services.driver / "cwd", env=submit_env(services), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def submit_env(services: Services) -> dict[str, str]:
+    """A user's environment: the venv's spark-submit first, the driver's own temp folder, and no
+    engine forced (the tests' own setting): the config file decides."""
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(services.driver / "tmp"))
-    env.pop("RECSYS__STORAGE__ENGINE", None)  # the config file decides, as for a user
-    return subprocess.run(command, cwd=services.driver / "cwd", env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env.pop("RECSYS__STORAGE__ENGINE", None)
+    return env
 
 
 def result_of(done: subprocess.CompletedProcess) -> dict:
@@ -225,8 +231,10 @@ def test_executors_never_see_the_drivers_folders_and_checkpoints_are_shared(serv
                     "hidden from the workers")
     marker = services.driver / "cwd" / "marker"
     marker.write_text("the driver's")
+    # in the workers' mount namespace the driver's folder (its working directory and temp folder
+    # inside) is an empty folder
     seen = subprocess.run(["nsenter", "-t", str(services.pid("worker-1")), "-m", "ls", "-A",
-                           str(services.driver / "cwd")], capture_output=True, text=True)
+                           str(services.driver)], capture_output=True, text=True)
     assert seen.returncode == 0 and seen.stdout.strip() == "", seen
     # rank 0's checkpoints, which the driver registered the model from, are under the shared root
     run_id = cluster_run["train"]["run_id"]
@@ -313,13 +321,12 @@ def _delta_log_is_whole(table: Path) -> list[int]:
 def test_a_lost_worker_is_survived_or_reported_and_a_rerun_gives_the_same_tables(
         spark, services, shipped, cluster_run, local_pipeline) -> None:
     root = cluster_run["root"]
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(services.driver / "tmp"))
     command = [str(VENV_BIN / "spark-submit"), "--master", MASTER, "--jars",
                ",".join(sorted(str(p) for p in JARS_DIR.glob("*.jar"))), "--py-files", str(shipped["zip"]),
                "--conf", f"spark.pyspark.python={shipped['python']}", str(REPO / "jobs" / "build_features.py"),
                "--config", str(REPO / "conf" / "standalone.yaml"), "--set", f"mlflow.tracking_uri={TRACKING}",
                "--root", root, "--json"]
-    features = subprocess.Popen(command, cwd=services.driver / "cwd", env=env, stdout=subprocess.PIPE,
+    features = subprocess.Popen(command, cwd=services.driver / "cwd", env=submit_env(services), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     output = []
     for line in features.stdout:  # kill worker-2's JVM once the features job is writing gold tables

@@ -17,7 +17,7 @@ PACKAGE = REPO / "recsys_spark"
 LAYERS: list[set[str]] = [
     {"constants", "errors", "logs", "processes"},
     {"config", "records"},
-    {"spark", "tracking", "generate"},
+    {"spark", "tracking", "generate", "broker"},
     {"storage"},
     {"modeling"},  # what training, evaluation and serving share
     {"ingest", "features", "evaluation", "training", "serving", "baselines"},  # stage packages

@@ -381,7 +381,8 @@ def test_engine_resolution_here(spark) -> None:
 @pytest.mark.skipif(not HAVE_DELTA_JARS, reason=NO_DELTA_JARS)
 def test_each_engine_reads_the_others_tables_with_identical_rows(spark, tmp_path: Path) -> None:
     """Partition values with spaces, non-ASCII letters and nulls, and timestamps, written by each
-    engine, read back identically by the other and by deltalake itself."""
+    engine, read back identically by the other and by deltalake itself; so is the commit's
+    metadata (a gold table written locally is trained on by a cluster on the other engine)."""
     rows = [(1, "a b", datetime(2024, 1, 1, 12, 30, 0, 123456, tzinfo=UTC)),
             (2, "Zürich", datetime(2024, 2, 29, 0, 0, tzinfo=UTC)),
             (3, None, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
@@ -390,9 +391,11 @@ def test_each_engine_reads_the_others_tables_with_identical_rows(spark, tmp_path
     engines = {name: resolve_engine(spark, name) for name in ("delta-spark", "delta-rs")}
     for writer in engines:
         root = str(tmp_path / writer)
-        Lakehouse(root, engines[writer]).write(df, "silver/t", partition_by=["city"])
+        recorded = {"feature_run_id": "features-1", "num_items": "3"}
+        Lakehouse(root, engines[writer]).write(df, "silver/t", partition_by=["city"], commit_info=recorded)
         expected = sorted(rows, key=lambda r: r[0])
         for reader in engines.values():
+            assert Lakehouse(root, reader).commit_metadata("silver/t", 0) == recorded, (writer, reader.name)
             back = Lakehouse(root, reader).read("silver/t").select("k", "city", "ts").collect()
             # Spark hands timestamps back as naive UTC wall times (the session zone is UTC)
             got = [(r.k, r.city, r.ts and r.ts.replace(tzinfo=UTC)) for r in back]

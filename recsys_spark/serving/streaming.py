@@ -448,16 +448,29 @@ def kafka_options(settings: Settings) -> dict[str, str]:
     return options
 
 
+ADAPTIVE = "spark.sql.adaptive.enabled"
+
+
 def start_stream(spark: SparkSession, lake: Lakehouse, settings: Settings) -> StreamingQuery:
     sink = NearlineSink(spark, lake, settings)
     # Load the champion now: no champion fails at start, and the first events do not wait for it.
     sink.warm_up()
     cfg = settings.serving.stream
-    return (source_frame(spark, settings).writeStream
-            .foreachBatch(sink)
-            .option("checkpointLocation", checkpoint_dir(settings))
-            .trigger(processingTime=f"{cfg.trigger_seconds} seconds")
-            .queryName("recsys-nearline").start())
+    # A query runs without adaptive execution anyway and warns when the session has it on (the
+    # query keeps the conf it started with): off for the start only, for the session's batch jobs.
+    adaptive = spark.conf.get(ADAPTIVE, None)
+    spark.conf.set(ADAPTIVE, "false")
+    try:
+        return (source_frame(spark, settings).writeStream
+                .foreachBatch(sink)
+                .option("checkpointLocation", checkpoint_dir(settings))
+                .trigger(processingTime=f"{cfg.trigger_seconds} seconds")
+                .queryName("recsys-nearline").start())
+    finally:
+        if adaptive is None:
+            spark.conf.unset(ADAPTIVE)
+        else:
+            spark.conf.set(ADAPTIVE, adaptive)
 
 
 def run_stream(

@@ -76,7 +76,9 @@ STAGING_DIR = "_staging"
 _COMMIT_INFO_FIELDS = {
     "timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo",
     "clientVersion", "version", "readVersion", "isBlindAppend", "userMetadata",
+    "isolationLevel", "txnId", "inCommitTimestamp",  # delta-spark's
 }
+USER_METADATA = "userMetadata"
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _STRING_STATS_PREFIX = 32
 _MAX_CHAR = "\U0010ffff"  # sorts after every character: a cut max stays an upper bound
@@ -105,9 +107,8 @@ class DeltaRsEngine(TableEngine):
         return self._open(path).history(limit)
 
     def commit_metadata(self, path: str) -> dict[int, dict[str, str]]:
-        # delta-rs puts custom commit metadata beside the standard commitInfo fields
-        return {int(commit["version"]): {k: str(v) for k, v in commit.items() if k not in _COMMIT_INFO_FIELDS}
-                for commit in self._open(path).history() if "version" in commit}
+        history = self._open(path).history()
+        return {int(commit["version"]): _recorded(commit) for commit in history if "version" in commit}
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -465,7 +466,21 @@ def _commit_properties(
         if idempotency is not None
         else None
     )
-    return CommitProperties(custom_metadata=dict(commit_info) or None, app_transactions=transactions)
+    # As Delta's userMetadata (a JSON object), which the delta-spark engine reads back too.
+    recorded = {USER_METADATA: json.dumps(commit_info)} if commit_info else None
+    return CommitProperties(custom_metadata=recorded, app_transactions=transactions)
+
+
+def _recorded(commit: dict[str, Any]) -> dict[str, str]:
+    """What ``commit_info`` recorded in a commit: its userMetadata object, or (tables written
+    before the platform used userMetadata) the keys delta-rs put beside commitInfo's own fields."""
+    try:
+        user = json.loads(commit.get(USER_METADATA) or "null")
+    except ValueError:  # someone else's free-text userMetadata
+        user = None
+    if isinstance(user, dict):
+        return {k: str(v) for k, v in user.items()}
+    return {k: str(v) for k, v in commit.items() if k not in _COMMIT_INFO_FIELDS}
 
 
 def _conform(source: pa.Table, table: DeltaTable, what: str) -> pa.Table:
