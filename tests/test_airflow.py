@@ -279,77 +279,9 @@ def test_a_day_without_input_times_out_naming_the_folder(world: World) -> None:
     assert f"no input arrived in {world.landing}/date={MISSING_DAY} within 0.05 minutes" in output
 
 
-# --- recsys_nearline ---------------------------------------------------------------------------------
-
-
-def _stream_status(world: World) -> dict:
-    done = subprocess.run([str(RECSYS), "stream-status", "--json", "--root", str(world.root), "--config",
-                           str(world.config)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_nearline_starts_the_query_once_and_fails_on_thresholds(world: World) -> None:
-    conf = {"root": str(world.root), "config": str(world.config), "driver_java_options": FAST_JVM}
-    code, output, states = dags_test(world, "recsys_nearline", None, conf)
-    started = xcom(world.env["AIRFLOW_HOME"], "recsys_nearline", "ensure_running")
-    try:
-        assert code == 0, output[-5000:]
-        assert states == dict.fromkeys(["check_stream", "ensure_running", "check_health"], "success")
-        assert started["started"] and _stream_status(world)["holder"]["pid"] == started["pid"]
-        landed = subprocess.run([str(RECSYS), "replay", "--input", str(world.landing / f"date={DAY3}" / "events.csv"),
-                                 "--format", "taobao", "--landing", str(world.root / "_landing"), "--rate", "200",
-                                 "--limit", "200"], capture_output=True, text=True, timeout=120)
-        assert landed.returncode == 0, landed.stderr
-        deadline = time.monotonic() + 240
-        while _stream_status(world)["rows_in"] < 200 and time.monotonic() < deadline:
-            time.sleep(2)
-        status = _stream_status(world)
-        assert status["rows_in"] == 200 and status["running"]
-
-        # running already: nothing started, the same query still holds the lock
-        code, output, states = dags_test(world, "recsys_nearline", None, conf | {"max_latency_p95_seconds": 3600})
-        assert code == 0, output[-5000:]
-        assert "a query already runs" in output and states["check_health"] == "success"
-        assert xcom(world.env["AIRFLOW_HOME"], "recsys_nearline", "ensure_running")["started"] is False
-        assert _stream_status(world)["holder"]["pid"] == started["pid"]
-        assert len(_group(started["process_group"])) > 0
-
-        # a threshold passed: the health check fails and says which
-        code, output, states = dags_test(world, "recsys_nearline", None, conf | {"max_latency_p95_seconds": 0.001})
-        assert code != 0 and states["check_health"] == "failed"
-        assert "nearline query unhealthy" in output and "p95 latency" in output and "> 0.001 s" in output
-    finally:
-        _stop(started)
-    assert not _stream_status(world)["running"]
-
-
-def _group(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == pgid:
-                    found.append(int(entry.name))
-            except ProcessLookupError:
-                pass
-    return found
-
-
-def _stop(started: dict) -> None:
-    """SIGTERM to the query's driver (it stops cleanly), then the rest of its process group."""
-    with_pid = started.get("pid")
-    if with_pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(with_pid, signal.SIGTERM)
-    deadline = time.monotonic() + 90
-    while _group(started["process_group"]) and time.monotonic() < deadline:
-        time.sleep(1)
-    if _group(started["process_group"]):
-        os.killpg(started["process_group"], signal.SIGKILL)
-
-
 # --- backfill by the scheduler ---------------------------------------------------------------------
+# Runs before the nearline test, which streams a third day into the daily runs' lakehouse: the
+# backfill is compared with the days as they came, nothing else.
 
 
 def test_a_backfill_runs_the_days_in_order_and_gives_the_same_tables(world: World) -> None:
@@ -446,3 +378,73 @@ def _wait_for_runs(home: Path, dag_id: str, count: int, timeout: float) -> list[
             return found
         time.sleep(5)
     raise AssertionError(f"backfill runs not done after {timeout} s: {found}")
+
+
+# --- recsys_nearline ---------------------------------------------------------------------------------
+
+
+def _stream_status(world: World) -> dict:
+    done = subprocess.run([str(RECSYS), "stream-status", "--json", "--root", str(world.root), "--config",
+                           str(world.config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_nearline_starts_the_query_once_and_fails_on_thresholds(world: World) -> None:
+    conf = {"root": str(world.root), "config": str(world.config), "driver_java_options": FAST_JVM}
+    code, output, states = dags_test(world, "recsys_nearline", None, conf)
+    started = xcom(world.env["AIRFLOW_HOME"], "recsys_nearline", "ensure_running")
+    try:
+        assert code == 0, output[-5000:]
+        assert states == dict.fromkeys(["check_stream", "ensure_running", "check_health"], "success")
+        assert started["started"] and _stream_status(world)["holder"]["pid"] == started["pid"]
+        landed = subprocess.run([str(RECSYS), "replay", "--input", str(world.landing / f"date={DAY3}" / "events.csv"),
+                                 "--format", "taobao", "--landing", str(world.root / "_landing"), "--rate", "200",
+                                 "--limit", "200"], capture_output=True, text=True, timeout=120)
+        assert landed.returncode == 0, landed.stderr
+        deadline = time.monotonic() + 240
+        while _stream_status(world)["rows_in"] < 200 and time.monotonic() < deadline:
+            time.sleep(2)
+        status = _stream_status(world)
+        assert status["rows_in"] == 200 and status["running"]
+
+        # running already: nothing started, the same query still holds the lock
+        code, output, states = dags_test(world, "recsys_nearline", None, conf | {"max_latency_p95_seconds": 3600})
+        assert code == 0, output[-5000:]
+        assert "a query already runs" in output and states["check_health"] == "success"
+        assert xcom(world.env["AIRFLOW_HOME"], "recsys_nearline", "ensure_running")["started"] is False
+        assert _stream_status(world)["holder"]["pid"] == started["pid"]
+        assert len(_group(started["process_group"])) > 0
+
+        # a threshold passed: the health check fails and says which
+        code, output, states = dags_test(world, "recsys_nearline", None, conf | {"max_latency_p95_seconds": 0.001})
+        assert code != 0 and states["check_health"] == "failed"
+        assert "nearline query unhealthy" in output and "p95 latency" in output and "> 0.001 s" in output
+    finally:
+        _stop(started)
+    assert not _stream_status(world)["running"]
+
+
+def _group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    found.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return found
+
+
+def _stop(started: dict) -> None:
+    """SIGTERM to the query's driver (it stops cleanly), then the rest of its process group."""
+    with_pid = started.get("pid")
+    if with_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(with_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 90
+    while _group(started["process_group"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    if _group(started["process_group"]):
+        os.killpg(started["process_group"], signal.SIGKILL)
