@@ -27,19 +27,22 @@ from common import REPO, machine, record
 from loader import build_gold
 
 
-def epoch_worker(table: str, threads: int) -> dict:
+def epoch_worker(root: str, threads: int) -> dict:
     from functools import partial
 
     import torch
-    from deltalake import DeltaTable
 
-    from recsys_spark.training.batches import TRAIN_COLUMNS, sequence_batch
-    from recsys_spark.training.data import DeltaBatches, TableSlice, collate_with, prefetch
-    from recsys_spark.training.tasks import LossModule, LossOptions, ModelSpec, get_task
+    from recsys_spark.constants import GOLD_TRAINING_EXAMPLES, HISTORY_ITEMS
+    from recsys_spark.modeling.batches import TRAIN_COLUMNS, sequence_batch
+    from recsys_spark.modeling.loader import DeltaBatches, TableSlice, collate_with, prefetch
+    from recsys_spark.modeling.tasks import LossModule, LossOptions, ModelSpec, get_task
+    from recsys_spark.storage import read_table, table_version
 
     torch.set_num_threads(threads)
-    delta = DeltaTable(table)
-    items = delta.to_pyarrow_table(columns=["history_items"]).column("history_items").combine_chunks()
+    version = table_version(root, GOLD_TRAINING_EXAMPLES)
+    assert version is not None
+    items = read_table(root, GOLD_TRAINING_EXAMPLES, version=version,
+                       columns=[HISTORY_ITEMS]).column(HISTORY_ITEMS).combine_chunks()
     num_items = int(items.flatten().to_numpy().max()) + 1
     spec = ModelSpec(name="sasrec", num_items=num_items, num_users=1, max_length=50)
     task = get_task("sasrec")
@@ -47,8 +50,8 @@ def epoch_worker(table: str, threads: int) -> dict:
     model = task.build(spec)
     loss_module = LossModule(task, model, torch.zeros(num_items), LossOptions())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = DeltaBatches(TableSlice(table, delta.version(), "train"), columns=TRAIN_COLUMNS, batch_size=128,
-                           shuffle=True, bucket_by="history_items")
+    batches = DeltaBatches(TableSlice(root, GOLD_TRAINING_EXAMPLES, version, "train"), columns=TRAIN_COLUMNS,
+                           batch_size=128, shuffle=True, bucket_by=HISTORY_ITEMS)
     batches.set_epoch(0)
     started, rows = time.perf_counter(), 0
     for batch in prefetch(collate_with(batches, partial(sequence_batch, max_length=50)), 4):
@@ -71,9 +74,9 @@ def busy_worker() -> None:
         spark.range(0, 400_000_000, numPartitions=4).selectExpr("sum(hash(id, id * 7))").collect()
 
 
-def epoch(table: str, threads: int) -> float:
+def epoch(root: str, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, "--epoch", table, "--threads", str(threads)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--epoch", root, "--threads", str(threads)], env=env,
                          check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
@@ -94,7 +97,6 @@ def main() -> None:
         return
     root = REPO / ".tmp" / f"bench-loader-{args.users}"
     build_gold(root, args.users)
-    table = str(root / "gold" / "training_examples")
     cores = len(os.sched_getaffinity(0))
     settings = [("torch's default: one thread per core", cores), ("the task's CPUs (spark.task.cpus=1)", 1)]
     results: dict[tuple[int, bool], list[float]] = {}
@@ -108,7 +110,7 @@ def main() -> None:
         try:
             for _ in range(args.repeats):
                 for _, threads in settings:
-                    seconds = epoch(table, threads)
+                    seconds = epoch(str(root), threads)
                     results.setdefault((threads, busy), []).append(seconds)
                     print(f"threads={threads} busy={busy}: {seconds:.1f} s", flush=True)
         finally:
