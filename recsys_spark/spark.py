@@ -193,12 +193,27 @@ def delta_jars_configured(conf: dict[str, str]) -> bool:
     return any(glob.glob(os.path.join(d, "delta-spark_*.jar")) for d in jar_dirs if d)
 
 
+def worker_python(settings: Settings) -> str | None:
+    """The Python a session started here gives its executors, or None for Spark's default.
+
+    PySpark reads it from ``PYSPARK_PYTHON`` only; ``spark.pyspark.python`` is honoured by
+    spark-submit alone. So the config's ``spark.conf.spark.pyspark.python`` is passed on here,
+    and a local session's workers use this very interpreter (the venv's), not "python3".
+    """
+    configured = settings.spark.conf.get("spark.pyspark.python")
+    if configured is not None:
+        return str(configured)
+    return sys.executable if is_local(settings) else None
+
+
 def get_spark(settings: Settings) -> SparkSession:
     """Return the active session, creating it from ``settings`` on first use.
 
-    A local session sets ``SPARK_LOCAL_IP``, ``PYSPARK_PYTHON``, ``PYSPARK_DRIVER_PYTHON`` and
-    ``SPARK_LOCAL_DIRS`` in this process's environment (unless already set) and leaves them:
-    the JVM and the Python workers it starts read them for as long as the session lives.
+    A session started here sets ``PYSPARK_PYTHON`` (``worker_python``), and a local one also
+    ``SPARK_LOCAL_IP``, ``PYSPARK_DRIVER_PYTHON`` and ``SPARK_LOCAL_DIRS``, in this process's
+    environment (unless already set; ``spark.pyspark.python`` from the config always wins) and
+    leaves them: the JVM and the Python workers it starts read them for as long as the session
+    lives.
     """
     from pyspark.sql import SparkSession
 
@@ -211,10 +226,14 @@ def get_spark(settings: Settings) -> SparkSession:
             settings.spark.master = master  # spark-submit's --master wins over the config's
     if settings.spark.master:
         check_master_reachable(settings.spark.master)
+    python = worker_python(settings)
+    if python is not None:
+        if "spark.pyspark.python" in settings.spark.conf:
+            os.environ["PYSPARK_PYTHON"] = python
+        else:
+            os.environ.setdefault("PYSPARK_PYTHON", python)
     if is_local(settings):
-        # Loopback only, and workers use this very interpreter (the venv's), not "python3".
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # loopback only
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         # Spill and shuffle files under the lakehouse, not /tmp (env, not spark.local.dir, which
         # Spark warns it may override).

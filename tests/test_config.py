@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,3 +212,27 @@ def test_a_delta_session_rebuilds_table_state_in_as_few_tasks_as_it_shuffles(tmp
     assert small["spark.databricks.delta.snapshotPartitions"] == "3"
     large = session_conf(make_settings(tmp_path, "storage.engine=delta-spark", "spark.shuffle_partitions=400"))
     assert large["spark.databricks.delta.snapshotPartitions"] == "50"  # never more than Delta's own default
+
+
+def test_configured_worker_python_reaches_the_executors(tmp_path: Path) -> None:
+    # PySpark reads the executors' Python from PYSPARK_PYTHON only; without spark-submit a session
+    # started by recsys must pass the config's spark.pyspark.python on (a cluster's executors ran
+    # "python3", which lacks the project).
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nRECSYS_TEST_WORKER_PYTHON=wrapped exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    script = (
+        "import os, sys\n"
+        "from recsys_spark.spark import get_spark\n"
+        "from tests.conftest import make_settings\n"
+        f"settings = make_settings(sys.argv[1], 'spark.master=local[1]', 'spark.conf.spark.pyspark.python={wrapper}')\n"
+        "spark = get_spark(settings)\n"
+        "seen = spark.sparkContext.parallelize([0], 1)"
+        ".map(lambda _: os.environ.get('RECSYS_TEST_WORKER_PYTHON')).collect()\n"
+        "print(seen[0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lake")], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "wrapped"
